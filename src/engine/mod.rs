@@ -1,0 +1,27 @@
+//! The generic pipeline engine: content-addressed stages over a crash-safe store.
+//!
+//! Nothing here knows about tensors, MNIST or the paper. The paper's stages (in
+//! `crate::stages`) implement [`StageKind`]; the engine computes each stage's key from its code
+//! fingerprint, parameters, upstream *content* and execution facts ([`key`]), reuses a
+//! published manifest when the key matches, and otherwise builds the stage under a per-key lock
+//! and publishes its outputs atomically ([`store`]). The DAG itself is data ([`pipeline`]).
+//!
+//! Module map: [`params`] (typed, canonically encoded parameters), [`key`] (stage keys),
+//! [`pipeline`] (pipeline.toml + profiles + `--set`), [`stage`] (the trait and the context a
+//! stage runs in), [`store`] (objects, manifests, locks), [`run`] (building and explaining),
+//! [`maintain`] (`verify`, `gc`).
+
+pub mod key;
+pub mod maintain;
+pub mod params;
+pub mod pipeline;
+pub mod run;
+pub mod stage;
+pub mod store;
+
+pub use key::{ExecFacts, HashedInput, KeyFields};
+pub use params::{Param, Params};
+pub use pipeline::{ConfigError, Pipeline, Stage};
+pub use run::{Engine, Outcome, RunOptions, RunRecord, StageStatus, State};
+pub use stage::{Finished, Registry, StageContext, StageKind};
+pub use store::{CorruptObject, Manifest, Store};

@@ -1,0 +1,487 @@
+//! Running a pipeline: resolve each stage's key from its upstreams' *content*, reuse a
+//! manifest when one exists (a `hit`), otherwise take the key's lock and build it (`ran`).
+//! Also the read-only views: `status` (fresh / stale / missing, with reasons) and `why`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::key::{ExecFacts, HashedInput, KeyFields, KEY_SCHEMA_VERSION};
+use super::pipeline::{Pipeline, Stage};
+use super::stage::{files_under, Finished, Registry, ResolvedInput, StageContext};
+use super::store::{atomic_write, hash_file, Manifest, Store};
+
+/// How one stage went in a run. The names are a public format (outside checks parse them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Hit,
+    Ran,
+    Failed,
+    Skipped,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub kind: String,
+    pub key: Option<String>,
+    pub outcome: Outcome,
+    pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `artifacts/runs/<UTC timestamp>.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub profile: String,
+    pub command: String,
+    pub started_utc: String,
+    pub stages: Vec<StageRecord>,
+}
+
+impl RunRecord {
+    pub fn failed(&self) -> bool {
+        self.stages.iter().any(|s| s.outcome == Outcome::Failed)
+    }
+}
+
+/// `status --json` rows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageStatus {
+    pub name: String,
+    pub state: State,
+    pub key: Option<String>,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Fresh,
+    Stale,
+    Missing,
+}
+
+/// Options that do not change any key.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Re-hash every object a stage reuses, and rebuild what is corrupt.
+    pub repair: bool,
+    /// Draw progress bars (the CLI turns them on only when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// What is known about a stage while resolving a pipeline.
+enum Resolved {
+    Built(Box<Manifest>),
+    /// Could not be built (skipped, failed, or not built yet, for `status`), with the reason.
+    Unavailable(String),
+}
+
+/// Runs a [`Pipeline`] against a [`Store`] with the kinds of a [`Registry`].
+pub struct Engine<'a> {
+    pub registry: &'a Registry,
+    pub store: Store,
+    pub pipeline: &'a Pipeline,
+    /// Device and dtype for every key (the seed comes from each stage).
+    pub device: String,
+    pub dtype: String,
+    pub options: RunOptions,
+}
+
+impl<'a> Engine<'a> {
+    /// The artifacts directory: the store's parent (runs/, report/ and exports live there).
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.store.root().parent().unwrap_or(Path::new(".")).to_path_buf()
+    }
+
+    /// Builds `targets` (and nothing else; the caller includes their ancestors) in order.
+    pub fn run(&self, targets: &[&Stage], command: &str) -> Result<RunRecord> {
+        let started_utc = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let mut resolved: HashMap<String, Resolved> = HashMap::new();
+        let mut records = Vec::new();
+        for stage in targets {
+            let start = Instant::now();
+            let (outcome, key, message, state) = self.run_one(stage, &resolved);
+            let seconds = start.elapsed().as_secs_f64();
+            match (&outcome, &message) {
+                (Outcome::Failed, Some(m)) => tracing::error!("{}: failed: {m}", stage.name),
+                (Outcome::Skipped, Some(m)) => tracing::warn!("{}: skipped: {m}", stage.name),
+                _ => tracing::info!(
+                    "{}: {} ({:.2} s, key {})",
+                    stage.name,
+                    if outcome == Outcome::Hit { "hit" } else { "ran" },
+                    seconds,
+                    key.as_deref().map_or("?", |k| &k[..12])
+                ),
+            }
+            records.push(StageRecord {
+                name: stage.name.clone(),
+                kind: stage.kind.clone(),
+                key,
+                outcome,
+                seconds,
+                message,
+            });
+            resolved.insert(stage.name.clone(), state);
+        }
+        let record = RunRecord {
+            profile: self.pipeline.profile.clone(),
+            command: command.to_string(),
+            started_utc,
+            stages: records,
+        };
+        self.write_run_record(&record)?;
+        Ok(record)
+    }
+
+    fn run_one(&self, stage: &Stage, resolved: &HashMap<String, Resolved>) -> (Outcome, Option<String>, Option<String>, Resolved) {
+        let fields = match self.key_fields(stage, resolved) {
+            Ok(Ok(fields)) => fields,
+            Ok(Err(reason)) => return (Outcome::Skipped, None, Some(reason.clone()), Resolved::Unavailable(reason)),
+            Err(e) => {
+                let m = format!("{e:#}");
+                return (Outcome::Failed, None, Some(m.clone()), Resolved::Unavailable(m));
+            }
+        };
+        let key = fields.key();
+        match self.build(stage, &key, fields, resolved) {
+            Ok((outcome, Some(manifest))) => {
+                if let Err(e) = self.export(stage, &manifest) {
+                    let m = format!("{e:#}");
+                    return (Outcome::Failed, Some(key), Some(m.clone()), Resolved::Unavailable(m));
+                }
+                (outcome, Some(key), None, Resolved::Built(Box::new(manifest)))
+            }
+            Ok((_, None)) => unreachable!("build returns a manifest unless skipped"),
+            Err(BuildError::Skipped(reason)) => {
+                (Outcome::Skipped, Some(key), Some(reason.clone()), Resolved::Unavailable(format!("stage {} was skipped: {reason}", stage.name)))
+            }
+            Err(BuildError::Failed(e)) => {
+                let m = format!("{e:#}");
+                (Outcome::Failed, Some(key), Some(m), Resolved::Unavailable(format!("stage {} failed", stage.name)))
+            }
+        }
+    }
+
+    /// A usable manifest for `key`: published, with every object present (and intact, under
+    /// `--repair`; corrupt objects are deleted so the stage rebuilds them).
+    fn usable_manifest(&self, key: &str) -> Result<Option<Manifest>> {
+        let Some(manifest) = self.store.read_manifest(key)? else { return Ok(None) };
+        let hashes = manifest.outputs.values().map(|o| o.hash.as_str()).chain([manifest.log.as_str()]);
+        let mut usable = true;
+        for hash in hashes {
+            if !self.store.has_object(hash) {
+                usable = false;
+            } else if self.options.repair && self.store.check_object(hash)?.is_some() {
+                tracing::warn!("{}: object {hash} is corrupt; rebuilding it (--repair)", manifest.stage);
+                self.store.remove_object(hash)?;
+                usable = false;
+            }
+        }
+        Ok(usable.then_some(manifest))
+    }
+
+    fn build(&self, stage: &Stage, key: &str, fields: KeyFields, resolved: &HashMap<String, Resolved>) -> Result<(Outcome, Option<Manifest>), BuildError> {
+        if let Some(m) = self.usable_manifest(key)? {
+            return Ok((Outcome::Hit, Some(m)));
+        }
+        let (_lock, waited) = self.store.lock(key)?;
+        if waited {
+            tracing::info!("{}: waited for another process building the same key", stage.name);
+        }
+        // Another process may have published it while we waited for the lock.
+        if let Some(m) = self.usable_manifest(key)? {
+            return Ok((Outcome::Hit, Some(m)));
+        }
+        let kind = self.registry.get(&stage.kind).expect("pipeline kinds are validated");
+        let staging = self.store.staging_dir(key)?;
+        let mut ctx = StageContext {
+            stage,
+            store: &self.store,
+            key: key.to_string(),
+            staging: staging.clone(),
+            root: self.pipeline.root.clone(),
+            exec: fields.exec.clone(),
+            inputs: self.resolved_inputs(stage, resolved),
+            upstream: stage
+                .inputs
+                .iter()
+                .filter_map(|i| match resolved.get(&i.stage) {
+                    Some(Resolved::Built(m)) => Some((i.stage.clone(), (**m).clone())),
+                    _ => None,
+                })
+                .collect(),
+            outputs: Vec::new(),
+            log: String::new(),
+            metrics: serde_json::Map::new(),
+            progress: self.options.progress,
+        };
+        let started_utc = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let start = Instant::now();
+        let result = kind.run(&mut ctx);
+        let seconds = start.elapsed().as_secs_f64();
+        let cleanup = || {
+            let _ = fs::remove_dir_all(&staging);
+            let _ = fs::remove_dir_all(staging.with_extension("scratch"));
+        };
+        let published = match result {
+            Ok(Finished::Done) => self.publish(stage, key, fields, ctx, started_utc, seconds),
+            Ok(Finished::Skipped(reason)) => {
+                cleanup();
+                return Err(BuildError::Skipped(reason));
+            }
+            Err(e) => Err(e),
+        };
+        cleanup();
+        match published {
+            Ok(manifest) => {
+                let _ = fs::remove_dir_all(self.store.checkpoint_dir(key));
+                Ok((Outcome::Ran, Some(manifest)))
+            }
+            Err(e) => Err(BuildError::Failed(e)),
+        }
+    }
+
+    fn publish(&self, stage: &Stage, key: &str, key_fields: KeyFields, ctx: StageContext, started_utc: String, seconds: f64) -> Result<Manifest> {
+        let mut outputs = BTreeMap::new();
+        for name in &ctx.outputs {
+            let path = ctx.staging.join(name);
+            let output = self.store.publish_file(&path).with_context(|| format!("stage {} did not write its output {name}", stage.name))?;
+            outputs.insert(name.clone(), output);
+        }
+        let log = self.store.put_bytes(ctx.log.as_bytes())?;
+        self.store.sync_objects()?;
+        let manifest = Manifest {
+            stage: stage.name.clone(),
+            key: key.to_string(),
+            key_fields,
+            outputs,
+            log: log.hash,
+            metrics: ctx.metrics,
+            started_utc,
+            seconds,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        self.store.write_manifest(&manifest)?;
+        Ok(manifest)
+    }
+
+    fn resolved_inputs(&self, stage: &Stage, resolved: &HashMap<String, Resolved>) -> Vec<ResolvedInput> {
+        let mut out = Vec::new();
+        for input in &stage.inputs {
+            if let Some(Resolved::Built(m)) = resolved.get(&input.stage) {
+                for (name, o) in &m.outputs {
+                    if input.output.as_ref().is_none_or(|want| want == name) {
+                        out.push(ResolvedInput { stage: input.stage.clone(), output: name.clone(), hash: o.hash.clone() });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The stage's key fields, or `Ok(Err(reason))` when a required upstream is unavailable.
+    fn key_fields(&self, stage: &Stage, resolved: &HashMap<String, Resolved>) -> Result<std::result::Result<KeyFields, String>> {
+        let kind = self.registry.get(&stage.kind).expect("pipeline kinds are validated");
+        let mut inputs = Vec::new();
+        let mut upstream_keys = Vec::new();
+        for input in &stage.inputs {
+            match resolved.get(&input.stage) {
+                Some(Resolved::Built(m)) => {
+                    let mut any = false;
+                    for (name, o) in &m.outputs {
+                        if input.output.as_ref().is_none_or(|want| want == name) {
+                            inputs.push(HashedInput { name: format!("{}/{name}", input.stage), hash: o.hash.clone() });
+                            any = true;
+                        }
+                    }
+                    if !any {
+                        anyhow::bail!(
+                            "stage {} reads {}/{}, which stage {} does not produce (it produces: {})",
+                            stage.name,
+                            input.stage,
+                            input.output.as_deref().unwrap_or(""),
+                            input.stage,
+                            m.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                        );
+                    }
+                    if kind.reads_provenance() {
+                        upstream_keys.push(HashedInput { name: input.stage.clone(), hash: m.key.clone() });
+                    }
+                }
+                Some(Resolved::Unavailable(_)) if input.optional => {
+                    inputs.push(HashedInput { name: input.stage.clone(), hash: "absent".into() });
+                }
+                Some(Resolved::Unavailable(reason)) => return Ok(Err(format!("input {} is unavailable: {reason}", input.stage))),
+                None => return Ok(Err(format!("input {} was not resolved", input.stage))),
+            }
+        }
+        let mut files = Vec::new();
+        for entry in &stage.files {
+            for rel in files_under(&self.pipeline.root, entry)? {
+                let hash = hash_file(&self.pipeline.root.join(&rel))?;
+                files.push(HashedInput { name: rel, hash });
+            }
+        }
+        for path in kind.external_files(&stage.params)? {
+            let hash = if path.is_file() { hash_file(&path)? } else { "absent".to_string() };
+            files.push(HashedInput { name: path.display().to_string(), hash });
+        }
+        Ok(Ok(KeyFields {
+            key_schema: KEY_SCHEMA_VERSION,
+            kind: stage.kind.clone(),
+            code_fingerprint: kind.code_fingerprint(),
+            params: stage.params.clone(),
+            inputs,
+            files,
+            upstream_keys,
+            exec: ExecFacts { device: self.device.clone(), dtype: self.dtype.clone(), seed: stage.seed },
+        }))
+    }
+
+    /// Copies a stage's outputs to `artifacts/<export>/` (atomically per file).
+    fn export(&self, stage: &Stage, manifest: &Manifest) -> Result<()> {
+        let Some(export) = &stage.export else { return Ok(()) };
+        let dir = self.artifacts_dir().join(export);
+        for (name, output) in &manifest.outputs {
+            let dest = dir.join(name);
+            let parent = dest.parent().expect("joined path has a parent");
+            fs::create_dir_all(parent)?;
+            let bytes = fs::read(self.store.object_path(&output.hash))?;
+            atomic_write(&dest, &bytes, &parent.join(format!(".{}.tmp", std::process::id())))?;
+        }
+        Ok(())
+    }
+
+    fn write_run_record(&self, record: &RunRecord) -> Result<PathBuf> {
+        let dir = self.artifacts_dir().join("runs");
+        fs::create_dir_all(&dir)?;
+        let stamp = record.started_utc.replace([':', '-'], "");
+        let mut path = dir.join(format!("{stamp}.json"));
+        if path.exists() {
+            path = dir.join(format!("{stamp}-{}.json", std::process::id()));
+        }
+        atomic_write(&path, &serde_json::to_vec_pretty(record)?, &self.store.unique_tmp_path("run"))?;
+        Ok(path)
+    }
+
+    /// Current state of every stage, without building anything.
+    pub fn status(&self) -> Result<Vec<StageStatus>> {
+        let mut resolved: HashMap<String, Resolved> = HashMap::new();
+        let mut rows = Vec::new();
+        for stage in &self.pipeline.stages {
+            let last = self.store.last_manifest(&stage.name)?;
+            let (row, state) = match self.key_fields(stage, &resolved)? {
+                Ok(fields) => {
+                    let key = fields.key();
+                    match self.usable_manifest(&key)? {
+                        Some(m) => (StageStatus { name: stage.name.clone(), state: State::Fresh, key: Some(key), reasons: vec![] }, Resolved::Built(Box::new(m))),
+                        None => {
+                            let reasons = match &last {
+                                Some(prev) if prev.key == key => vec!["outputs are missing from the store".to_string()],
+                                Some(prev) => diff_key_fields(&prev.key_fields, &fields),
+                                None => vec!["never built".to_string()],
+                            };
+                            let state = if last.is_some() { State::Stale } else { State::Missing };
+                            (StageStatus { name: stage.name.clone(), state, key: Some(key), reasons }, Resolved::Unavailable(format!("{} is not built", stage.name)))
+                        }
+                    }
+                }
+                Err(reason) => {
+                    let state = if last.is_some() { State::Stale } else { State::Missing };
+                    (StageStatus { name: stage.name.clone(), state, key: None, reasons: vec![reason] }, Resolved::Unavailable(format!("{} is not built", stage.name)))
+                }
+            };
+            rows.push(row);
+            resolved.insert(stage.name.clone(), state);
+        }
+        Ok(rows)
+    }
+
+    /// The current keys of every stage that can be resolved from what is in the store.
+    pub fn current_keys(&self) -> Result<Vec<String>> {
+        Ok(self.status()?.into_iter().filter_map(|s| s.key).collect())
+    }
+
+    /// Every key field that differs between the last build of `name` and now.
+    pub fn why(&self, name: &str) -> Result<Vec<String>> {
+        let status = self.status()?;
+        let row = status.iter().find(|s| s.name == name).expect("caller validated the name");
+        let mut lines = vec![format!("{name}: {:?}", row.state).to_lowercase()];
+        if let Some(key) = &row.key {
+            lines.push(format!("current key: {key}"));
+        }
+        if let Some(prev) = self.store.last_manifest(name)? {
+            lines.push(format!("last built key: {} ({}, {:.2} s)", prev.key, prev.started_utc, prev.seconds));
+        }
+        lines.extend(row.reasons.iter().map(|r| format!("  {r}")));
+        Ok(lines)
+    }
+}
+
+enum BuildError {
+    Skipped(String),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for BuildError {
+    fn from(e: anyhow::Error) -> Self {
+        BuildError::Failed(e)
+    }
+}
+
+/// Human-readable differences between two sets of key fields.
+pub fn diff_key_fields(old: &KeyFields, new: &KeyFields) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.key_schema != new.key_schema {
+        out.push(format!("key schema {} -> {}", old.key_schema, new.key_schema));
+    }
+    if old.kind != new.kind {
+        out.push(format!("kind {} -> {}", old.kind, new.kind));
+    }
+    if old.code_fingerprint != new.code_fingerprint {
+        out.push(format!("code fingerprint {} -> {}", short(&old.code_fingerprint), short(&new.code_fingerprint)));
+    }
+    for (name, value) in &new.params {
+        match old.params.get(name) {
+            None => out.push(format!("param {name} added: {value}")),
+            Some(prev) if prev != value => out.push(format!("param {name}: {prev} -> {value}")),
+            _ => {}
+        }
+    }
+    for name in old.params.keys().filter(|k| !new.params.contains_key(*k)) {
+        out.push(format!("param {name} removed"));
+    }
+    for (what, a, b) in [("input", &old.inputs, &new.inputs), ("file", &old.files, &new.files), ("upstream key", &old.upstream_keys, &new.upstream_keys)] {
+        for input in b {
+            match a.iter().find(|i| i.name == input.name) {
+                None => out.push(format!("{what} {} added", input.name)),
+                Some(prev) if prev.hash != input.hash => {
+                    out.push(format!("{what} {} changed: {} -> {}", input.name, short(&prev.hash), short(&input.hash)))
+                }
+                _ => {}
+            }
+        }
+        for input in a.iter().filter(|i| !b.iter().any(|n| n.name == i.name)) {
+            out.push(format!("{what} {} removed", input.name));
+        }
+    }
+    if old.exec != new.exec {
+        out.push(format!(
+            "execution {}/{}/seed {} -> {}/{}/seed {}",
+            old.exec.device, old.exec.dtype, old.exec.seed, new.exec.device, new.exec.dtype, new.exec.seed
+        ));
+    }
+    out
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}

@@ -1,0 +1,324 @@
+//! The content-addressed store: immutable objects named by their SHA-256, one manifest per
+//! stage key, a ref per stage name (its last manifest, for `why`), advisory locks and scratch.
+//!
+//! ```text
+//! <store>/objects/<sha256>        content-addressed, immutable, verified when read
+//! <store>/manifests/<key>.json    outputs -> object hashes, log, timings, every key field
+//! <store>/refs/<stage>            the key of the last manifest published for that stage name
+//! <store>/locks/<key>.lock        one advisory lock per key
+//! <store>/tmp/                    staging, checkpoints; never visible as a result
+//! ```
+//!
+//! Publishing is crash-safe: write under `tmp/`, fsync, rename into place, fsync the directory,
+//! and the manifest goes last, so a manifest never names an object that is not fully there.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::key::KeyFields;
+
+/// One output of a stage, as recorded in its manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRef {
+    pub hash: String,
+    pub bytes: u64,
+}
+
+/// What a successful stage run left behind, with every key field in clear.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub stage: String,
+    pub key: String,
+    pub key_fields: KeyFields,
+    pub outputs: BTreeMap<String, OutputRef>,
+    /// Object hash of the stage's log.
+    pub log: String,
+    /// Small numbers the stage chose to surface (also in its outputs where the report needs them).
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub started_utc: String,
+    pub seconds: f64,
+    pub threads: usize,
+}
+
+/// An object whose bytes no longer match its name.
+#[derive(Debug, thiserror::Error)]
+#[error("object {hash} ({owner}) is corrupt: its content hashes to {actual}; run `repro verify`, or rerun with --repair to rebuild it")]
+pub struct CorruptObject {
+    pub hash: String,
+    pub owner: String,
+    pub actual: String,
+}
+
+/// Handle on a store directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Holds one key's advisory lock until dropped.
+pub struct KeyLock {
+    _file: File,
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// Opens (and creates, if needed) a store at `root`.
+    pub fn open(root: &Path) -> Result<Store> {
+        for sub in ["objects", "manifests", "refs", "locks", "tmp"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).with_context(|| format!("creating store directory {}", dir.display()))?;
+        }
+        Ok(Store { root: root.to_path_buf() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn object_path(&self, hash: &str) -> PathBuf {
+        self.root.join("objects").join(hash)
+    }
+
+    fn manifest_path(&self, key: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{key}.json"))
+    }
+
+    pub fn has_object(&self, hash: &str) -> bool {
+        self.object_path(hash).is_file()
+    }
+
+    /// A fresh, empty directory under `tmp/` for one attempt at building `key`.
+    pub fn staging_dir(&self, key: &str) -> Result<PathBuf> {
+        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join("tmp").join(format!("stage-{key}-{}-{n}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Where a long stage keeps its checkpoints for `key`; it survives crashes, not success.
+    pub fn checkpoint_dir(&self, key: &str) -> PathBuf {
+        self.root.join("tmp").join("checkpoints").join(key)
+    }
+
+    /// Reads an object and checks its bytes against its name. `owner` says whose output it is.
+    pub fn read_verified(&self, hash: &str, owner: &str) -> Result<Vec<u8>> {
+        let path = self.object_path(hash);
+        let bytes = fs::read(&path).with_context(|| format!("reading object {} ({owner})", path.display()))?;
+        let actual = sha256_hex(&bytes);
+        if actual != hash {
+            return Err(CorruptObject { hash: hash.into(), owner: owner.into(), actual }.into());
+        }
+        Ok(bytes)
+    }
+
+    /// Re-hashes one object; `Ok(None)` when it is intact, `Ok(Some(actual))` when corrupt.
+    pub fn check_object(&self, hash: &str) -> Result<Option<String>> {
+        let path = self.object_path(hash);
+        let actual = hash_file(&path).with_context(|| format!("reading object {}", path.display()))?;
+        Ok((actual != hash).then_some(actual))
+    }
+
+    /// Moves a finished file into the store under its content hash (crash-safe).
+    pub fn publish_file(&self, staged: &Path) -> Result<OutputRef> {
+        let file = File::open(staged).with_context(|| format!("opening {}", staged.display()))?;
+        file.sync_all()?;
+        let bytes = file.metadata()?.len();
+        let hash = hash_file(staged)?;
+        let dest = self.object_path(&hash);
+        if dest.is_file() {
+            fs::remove_file(staged)?;
+        } else {
+            fs::rename(staged, &dest).with_context(|| format!("publishing {}", dest.display()))?;
+        }
+        Ok(OutputRef { hash, bytes })
+    }
+
+    /// Stores bytes as an object (used for logs).
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<OutputRef> {
+        let staged = self.unique_tmp_path("object");
+        write_synced(&staged, bytes)?;
+        self.publish_file(&staged)
+    }
+
+    /// Makes the object directory's entries durable; call once after a batch of publishes.
+    pub fn sync_objects(&self) -> Result<()> {
+        sync_dir(&self.root.join("objects"))
+    }
+
+    /// Writes a manifest atomically; call only after its objects are published and synced.
+    pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let json = serde_json::to_vec_pretty(manifest)?;
+        atomic_write(&self.manifest_path(&manifest.key), &json, &self.unique_tmp_path("manifest"))?;
+        let ref_path = self.root.join("refs").join(&manifest.stage);
+        atomic_write(&ref_path, manifest.key.as_bytes(), &self.unique_tmp_path("ref"))
+    }
+
+    /// The manifest for `key`, if one was published. A manifest that does not parse is an error
+    /// naming its file (it was written atomically, so this means outside damage).
+    pub fn read_manifest(&self, key: &str) -> Result<Option<Manifest>> {
+        let path = self.manifest_path(key);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("manifest {} is malformed", path.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The manifest this stage name last published, if any (for `why` and `status`).
+    pub fn last_manifest(&self, stage: &str) -> Result<Option<Manifest>> {
+        match fs::read_to_string(self.root.join("refs").join(stage)) {
+            Ok(key) => self.read_manifest(key.trim()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn remove_manifest(&self, key: &str) -> Result<()> {
+        match fs::remove_file(self.manifest_path(key)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn remove_object(&self, hash: &str) -> Result<()> {
+        match fs::remove_file(self.object_path(hash)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every published manifest (unparseable ones are errors naming the file).
+    pub fn manifests(&self) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        for key in list_names(&self.root.join("manifests"))? {
+            if let Some(key) = key.strip_suffix(".json") {
+                out.extend(self.read_manifest(key)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every object hash in the store.
+    pub fn objects(&self) -> Result<Vec<String>> {
+        list_names(&self.root.join("objects"))
+    }
+
+    /// Takes the advisory lock for `key`, waiting for another process that holds it.
+    /// Returns whether we had to wait (then the other process has probably built it).
+    pub fn lock(&self, key: &str) -> Result<(KeyLock, bool)> {
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening lock {}", path.display()))?;
+        let waited = match file.try_lock() {
+            Ok(()) => false,
+            Err(fs::TryLockError::WouldBlock) => {
+                file.lock().with_context(|| format!("locking {}", path.display()))?;
+                true
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        };
+        Ok((KeyLock { _file: file }, waited))
+    }
+
+    /// Removes scratch left by dead processes: staging directories whose key lock is free.
+    pub fn clean_tmp(&self) -> Result<usize> {
+        let mut removed = 0;
+        for name in list_names(&self.root.join("tmp"))? {
+            let Some(rest) = name.strip_prefix("stage-") else {
+                if name != "checkpoints" {
+                    let _ = fs::remove_file(self.root.join("tmp").join(&name));
+                }
+                continue;
+            };
+            let key = rest.split('-').next().unwrap_or_default();
+            let path = self.root.join("locks").join(format!("{key}.lock"));
+            let free = File::open(&path).map(|f| f.try_lock().is_ok()).unwrap_or(true);
+            if free {
+                fs::remove_dir_all(self.root.join("tmp").join(&name))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    pub fn unique_tmp_path(&self, what: &str) -> PathBuf {
+        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!("{what}-{}-{n}", std::process::id()))
+    }
+}
+
+/// Hex SHA-256 of a byte slice.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Hex SHA-256 of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Writes `bytes` to `path` and fsyncs the file.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all().with_context(|| format!("syncing {}", path.display()))
+}
+
+/// Replaces `dest` atomically: write `tmp`, fsync, rename, fsync the directory.
+/// `tmp` must be on the same filesystem as `dest`.
+pub fn atomic_write(dest: &Path, bytes: &[u8], tmp: &Path) -> Result<()> {
+    write_synced(tmp, bytes)?;
+    fs::rename(tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    sync_dir(dest.parent().unwrap_or(Path::new(".")))
+}
+
+/// fsyncs a directory so that renames into it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+fn list_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Checks that an output name is a plain relative path (subdirectories allowed, no `..`).
+pub fn check_output_name(name: &str) -> Result<()> {
+    let path = Path::new(name);
+    let ok = !name.is_empty()
+        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !ok {
+        bail!("output name {name:?} must be a relative path without `..`");
+    }
+    Ok(())
+}

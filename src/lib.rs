@@ -1,0 +1,15 @@
+//! Reproduction of Jacobsen, Behrmann, Zemel & Bethge, *Excessive Invariance Causes
+//! Adversarial Vulnerability* (ICLR 2019), as a content-addressed pipeline.
+//!
+//! Two halves that do not know each other's insides:
+//! - [`engine`]: a generic DAG of stages over a content-addressed store (keys, locks,
+//!   atomic publishing, explain, verify, gc). Knows nothing about tensors or the paper.
+//! - the paper: [`stages`] (one file per stage kind, each naming the paper section it covers),
+//!   built on [`data`] (dataset readers) and [`report`] (figures and HTML rendering).
+//!
+//! The binary `repro` (src/main.rs) is the command line over both.
+
+pub mod data;
+pub mod engine;
+pub mod report;
+pub mod stages;

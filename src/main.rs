@@ -1,0 +1,220 @@
+//! `repro`: the command line over the pipeline engine and the paper's stages.
+//!
+//! Exit status: 0 success, 1 a stage failed or the store is damaged, 2 a mistake in the
+//! pipeline description, profile or `--set` (nothing was touched).
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use repro::engine::{maintain, pipeline, ConfigError, Engine, Outcome, Pipeline, RunOptions, RunRecord, Store};
+
+#[derive(Parser)]
+#[command(name = "repro", version, about = "Reproduce Jacobsen et al., Excessive Invariance Causes Adversarial Vulnerability (ICLR 2019)")]
+struct Cli {
+    /// Parameter profile from pipeline/profiles/ (smoke, cpu, paper, ...).
+    #[arg(long, global = true, default_value = "cpu")]
+    profile: String,
+    /// The content-addressed store; runs/ and report/ go next to it.
+    #[arg(long, global = true, env = "REPRO_STORE", default_value = "artifacts/store")]
+    store: PathBuf,
+    /// Override a parameter: STAGE.PARAM=VALUE (repeatable; VALUE is a TOML literal or text).
+    #[arg(long = "set", global = true, value_name = "STAGE.PARAM=VALUE")]
+    sets: Vec<String>,
+    /// The pipeline description.
+    #[arg(long, global = true, default_value = "pipeline/pipeline.toml")]
+    pipeline: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build every stage of the pipeline (reusing what is cached) and the report.
+    Reproduce {
+        /// Re-hash reused objects and rebuild any that are corrupt.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Build one stage and what it depends on.
+    Run {
+        /// Stage name from pipeline.toml.
+        stage: String,
+        /// Re-hash reused objects and rebuild any that are corrupt.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Show each stage as fresh, stale or missing, with the reasons.
+    Status {
+        /// Print `[{name, state, key, reasons}]` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain in full why a stage would (or would not) rerun.
+    Why {
+        /// Stage name from pipeline.toml.
+        stage: String,
+    },
+    /// Re-hash every object in the store; exit 1 naming each damaged object and its stage.
+    Verify,
+    /// Delete objects no current manifest (any profile) or recent run needs.
+    Gc {
+        /// Also keep everything the last N run records used.
+        #[arg(long, default_value_t = 5)]
+        keep_runs: usize,
+    },
+    /// Build the report stage (and what it needs) and print where it landed.
+    Report,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(config) = e.downcast_ref::<ConfigError>() {
+                eprintln!("error: {config}");
+                ExitCode::from(2)
+            } else {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn device() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+fn engine<'a>(cli: &Cli, registry: &'a repro::engine::Registry, pipeline: &'a Pipeline, repair: bool) -> Result<Engine<'a>> {
+    Ok(Engine {
+        registry,
+        store: Store::open(&cli.store)?,
+        pipeline,
+        device: device().to_string(),
+        dtype: "f32".to_string(),
+        options: RunOptions { repair, progress: std::io::stderr().is_terminal() },
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let registry = repro::stages::registry();
+    // Everything is validated before the store is opened: a bad pipeline touches nothing.
+    let pipeline = Pipeline::load(&cli.pipeline, &cli.profile, &cli.sets, &registry.names())?;
+    match &cli.command {
+        Command::Reproduce { repair } => {
+            let engine = engine(&cli, &registry, &pipeline, *repair)?;
+            let all: Vec<_> = pipeline.stages.iter().collect();
+            finish(&engine, engine.run(&all, "reproduce")?)
+        }
+        Command::Run { stage, repair } => {
+            let targets = pipeline.with_ancestors(stage)?;
+            let engine = engine(&cli, &registry, &pipeline, *repair)?;
+            finish(&engine, engine.run(&targets, &format!("run {stage}"))?)
+        }
+        Command::Report => {
+            let targets = pipeline.with_ancestors("report")?;
+            let engine = engine(&cli, &registry, &pipeline, false)?;
+            finish(&engine, engine.run(&targets, "report")?)
+        }
+        Command::Status { json } => {
+            let engine = engine(&cli, &registry, &pipeline, false)?;
+            let rows = engine.status()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("profile {}: {}", pipeline.profile, pipeline.profile_description);
+                for row in rows {
+                    let key = row.key.as_deref().map_or("-", |k| &k[..12]);
+                    println!("{:<16} {:<8} {key}  {}", row.name, format!("{:?}", row.state).to_lowercase(), row.reasons.join("; "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Why { stage } => {
+            pipeline.with_ancestors(stage)?;
+            let engine = engine(&cli, &registry, &pipeline, false)?;
+            engine.why(stage)?.iter().for_each(|l| println!("{l}"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify => {
+            let store = Store::open(&cli.store)?;
+            let problems = maintain::verify(&store)?;
+            for p in &problems {
+                eprintln!("error: {}", p.message);
+            }
+            if problems.is_empty() {
+                println!("{} objects verified in {}", store.objects()?.len(), cli.store.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("{} problem(s) in {}; `repro reproduce --repair` rebuilds them", problems.len(), cli.store.display());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Gc { keep_runs } => gc(&cli, &registry, *keep_runs),
+    }
+}
+
+/// Prints the run's outcome table; exit 1 if any stage failed.
+fn finish(engine: &Engine, record: RunRecord) -> Result<ExitCode> {
+    for s in &record.stages {
+        let outcome = format!("{:?}", s.outcome).to_lowercase();
+        let note = s.message.as_deref().unwrap_or("");
+        eprintln!("  {:<16} {:<8} {:>8.2} s  {note}", s.name, outcome, s.seconds);
+    }
+    let report = engine.artifacts_dir().join("report").join("index.html");
+    if record.stages.iter().any(|s| s.kind == "report" && matches!(s.outcome, Outcome::Hit | Outcome::Ran)) {
+        eprintln!("report: {}", report.display());
+    }
+    Ok(if record.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result<ExitCode> {
+    let store = Store::open(&cli.store)?;
+    let mut keep = BTreeSet::new();
+    for profile in pipeline::available_profiles(&cli.pipeline) {
+        let pipeline = Pipeline::load(&cli.pipeline, &profile, &cli.sets, &registry.names())?;
+        let engine = engine(cli, registry, &pipeline, false)?;
+        keep.extend(engine.current_keys()?);
+    }
+    let runs_dir = cli.store.parent().unwrap_or(Path::new(".")).join("runs");
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(&runs_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    runs.sort();
+    for path in runs.iter().rev().take(keep_runs) {
+        let bytes = std::fs::read(path)?;
+        let record: RunRecord = serde_json::from_slice(&bytes).with_context(|| format!("run record {} is malformed", path.display()))?;
+        keep.extend(record.stages.into_iter().filter_map(|s| s.key));
+    }
+    let report = maintain::gc(&store, &keep)?;
+    println!(
+        "kept {} manifests; removed {} manifests, {} objects ({:.1} MB), {} scratch directories",
+        keep.len(),
+        report.manifests_removed,
+        report.objects_removed,
+        report.bytes_freed as f64 / 1e6,
+        report.tmp_removed
+    );
+    Ok(ExitCode::SUCCESS)
+}

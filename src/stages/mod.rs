@@ -1,0 +1,28 @@
+//! The paper's stages: one file per stage kind, each opening with the paper section and
+//! claims it covers, its inputs and outputs, and a `//! Modules:` line naming the modules its
+//! code fingerprint covers (checked by tests/fingerprint.rs).
+//!
+//! Adding a stage kind = a file here, a line in [`registry`], and a `[[stage]]` in
+//! `pipeline/pipeline.toml`. Nothing in `crate::engine` changes.
+
+pub mod fashion_mnist;
+pub mod mnist;
+pub mod report;
+
+use crate::engine::Registry;
+
+include!(concat!(env!("OUT_DIR"), "/fingerprints.rs"));
+
+/// The code fingerprint build.rs computed for a stage kind (its file is named after it).
+pub fn code_fingerprint(kind: &str) -> String {
+    CODE_FINGERPRINTS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, f)| f.to_string())
+        .unwrap_or_else(|| panic!("no code fingerprint for stage kind {kind}: is src/stages/{kind}.rs there?"))
+}
+
+/// Every stage kind the paper's pipeline can use.
+pub fn registry() -> Registry {
+    Registry::new().with(mnist::Mnist).with(fashion_mnist::FashionMnist).with(report::Report)
+}

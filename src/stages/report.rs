@@ -1,0 +1,145 @@
+//! Stage `report`: renders the reproduction report, `artifacts/report/index.html`, and its
+//! machine-readable twin `results.json`.
+//!
+//! Paper: all of it. A summary lists every claim of `paper/claims.toml` (C1–C11) with its
+//! verdict; each section shows our number beside the paper's, the verdict with its tolerance,
+//! the protocol note where we had to decide, and provenance (stage, key prefix, params, code
+//! fingerprint, device, wall time, log). Claims no stage measures yet say "not run".
+//! Inputs: every upstream stage declared in pipeline.toml (today the datasets), plus the
+//! repository files `paper/templates/`, `paper/text/`, `paper/claims.toml`.
+//! Outputs: `index.html`, `results.json`, `logs/<stage>.log` (exported to artifacts/report/).
+//! Deterministic: no clocks, no paths of this machine; the same inputs give the same bytes.
+//!
+//! Modules: report
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::engine::{Finished, Manifest, StageContext, StageKind};
+use crate::report::{markdown, read_claims, render, Provenance, Verdict};
+
+pub struct Report;
+
+fn provenance(manifest: &Manifest) -> Provenance {
+    let fields = &manifest.key_fields;
+    Provenance {
+        stage: manifest.stage.clone(),
+        key_prefix: manifest.key[..12].to_string(),
+        params: fields.params.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+        code_fingerprint_prefix: fields.code_fingerprint[..12.min(fields.code_fingerprint.len())].to_string(),
+        device: fields.exec.device.clone(),
+        dtype: fields.exec.dtype.clone(),
+        seed: fields.exec.seed,
+        started_utc: manifest.started_utc.clone(),
+        wall_seconds: format!("{:.1}", manifest.seconds),
+        log: format!("logs/{}.log", manifest.stage),
+    }
+}
+
+/// One dataset row: sizes, class counts, content hashes, source, provenance.
+fn dataset_entry(ctx: &StageContext, stage: &str) -> Result<Value> {
+    let Some(manifest) = ctx.upstream_manifest(stage) else {
+        return Ok(json!({ "stage": stage, "available": false }));
+    };
+    let summary: Value = serde_json::from_slice(&ctx.input(stage, "summary.json")?)
+        .with_context(|| format!("summary.json of stage {stage} is not JSON"))?;
+    let files: Vec<Value> = manifest
+        .outputs
+        .iter()
+        .filter(|(name, _)| name.ends_with(".npy"))
+        .map(|(name, o)| json!({ "file": name, "sha256": o.hash, "bytes": o.bytes }))
+        .collect();
+    Ok(json!({
+        "stage": stage,
+        "available": true,
+        "name": summary["name"],
+        "train": summary["train"],
+        "test": summary["test"],
+        "source": summary["source"],
+        "files": files,
+        "provenance": provenance(manifest),
+    }))
+}
+
+impl StageKind for Report {
+    fn kind(&self) -> &str {
+        "report"
+    }
+
+    fn code_fingerprint(&self) -> String {
+        super::code_fingerprint("report")
+    }
+
+    fn reads_provenance(&self) -> bool {
+        true
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        let profile = ctx.param_str("profile")?.to_string();
+        let claims = read_claims(&ctx.repo_path("paper/claims.toml"))?;
+
+        let mut datasets = Vec::new();
+        for stage in ctx.input_stages() {
+            if ctx.input_names(stage).contains(&"summary.json") || !ctx.has_input(stage) {
+                datasets.push(dataset_entry(ctx, stage)?);
+            }
+        }
+
+        // No stage measures a claim yet: each says which stage will, and is "not run".
+        let claim_rows: Vec<Value> = claims
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id, "statement": c.statement, "paper_value": c.paper_value,
+                    "tolerance": c.tolerance, "profiles": c.profiles.join(", "), "source": c.source,
+                    "judged_here": c.profiles.contains(&profile),
+                    "ours": "—", "verdict": Verdict::NotRun,
+                    "note": if c.measured_by.is_empty() { "no stage measures this yet".to_string() } else { format!("measured by {}", c.measured_by) },
+                })
+            })
+            .collect();
+
+        let mut texts = BTreeMap::new();
+        let text_dir = ctx.repo_path("paper/text");
+        for entry in std::fs::read_dir(&text_dir).with_context(|| format!("listing {}", text_dir.display()))? {
+            let path = entry?.path();
+            if let (Some(stem), Some("md")) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str())) {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                texts.insert(stem.to_string(), markdown(&text));
+            }
+        }
+
+        let context = json!({
+            "profile": profile,
+            "claims": claim_rows,
+            "datasets": datasets,
+            "text": texts,
+        });
+        let html = render(&ctx.repo_path("paper/templates"), "index.html.tera", &context)?;
+        ctx.write_output("index.html", html.as_bytes())?;
+
+        let results = json!({
+            "profile": profile,
+            "datasets": datasets.iter().filter(|d| d["available"] == true).map(|d| json!({
+                "stage": d["stage"], "name": d["name"], "train": d["train"], "test": d["test"],
+                "files": d["files"], "source": d["source"],
+            })).collect::<Vec<_>>(),
+            "claims": claim_rows.iter().map(|c| json!({
+                "id": c["id"], "paper_value": c["paper_value"], "ours": c["ours"], "verdict": c["verdict"],
+            })).collect::<Vec<_>>(),
+        });
+        ctx.write_output("results.json", &serde_json::to_vec_pretty(&results)?)?;
+
+        let upstream: Vec<String> = ctx.input_stages().into_iter().map(String::from).collect();
+        for stage in &upstream {
+            if ctx.has_input(stage) {
+                let log = ctx.upstream_log(stage)?;
+                ctx.write_output(&format!("logs/{stage}.log"), &log)?;
+            }
+        }
+        ctx.log(format!("rendered {} claims and {} datasets for profile {profile}", claims.len(), datasets.len()));
+        Ok(Finished::Done)
+    }
+}
