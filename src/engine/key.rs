@@ -41,9 +41,9 @@ pub struct KeyFields {
     pub params: Params,
     pub inputs: Vec<HashedInput>,
     pub files: Vec<HashedInput>,
-    /// Upstream stage keys, only for stages that print their upstreams' provenance (the report):
-    /// such a stage's output depends on more than upstream content.
-    pub upstream_keys: Vec<HashedInput>,
+    /// Hashes of upstream *manifests*, only for stages that print their upstreams' provenance
+    /// (the report): such a stage's output depends on more than upstream content.
+    pub upstream_manifests: Vec<HashedInput>,
     pub exec: ExecFacts,
 }
 
@@ -56,7 +56,7 @@ impl KeyFields {
         encode_bytes(self.kind.as_bytes(), &mut enc);
         encode_bytes(self.code_fingerprint.as_bytes(), &mut enc);
         encode_table(&self.params, &mut enc);
-        for list in [&self.inputs, &self.files, &self.upstream_keys] {
+        for list in [&self.inputs, &self.files, &self.upstream_manifests] {
             enc.extend_from_slice(&(list.len() as u64).to_le_bytes());
             for input in list {
                 encode_bytes(input.name.as_bytes(), &mut enc);
@@ -83,7 +83,7 @@ mod tests {
             params: Params::from([("lr".into(), Param::Float(0.001))]),
             inputs: vec![HashedInput { name: "up/out".into(), hash: "00".into() }],
             files: vec![],
-            upstream_keys: vec![],
+            upstream_manifests: vec![],
             exec: ExecFacts { device: "cpu".into(), dtype: "f32".into(), seed: 0 },
         }
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::key::{ExecFacts, HashedInput, KeyFields, KEY_SCHEMA_VERSION};
 use super::pipeline::{Pipeline, Stage};
 use super::stage::{files_under, Finished, Registry, ResolvedInput, StageContext};
-use super::store::{atomic_write, hash_file, Manifest, Store};
+use super::store::{atomic_write, hash_file, sha256_hex, Manifest, Store};
 
 /// How one stage went in a run. The names are a public format (outside checks parse them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,7 +291,7 @@ impl<'a> Engine<'a> {
     fn key_fields(&self, stage: &Stage, resolved: &HashMap<String, Resolved>) -> Result<std::result::Result<KeyFields, String>> {
         let kind = self.registry.get(&stage.kind).expect("pipeline kinds are validated");
         let mut inputs = Vec::new();
-        let mut upstream_keys = Vec::new();
+        let mut upstream_manifests = Vec::new();
         for input in &stage.inputs {
             match resolved.get(&input.stage) {
                 Some(Resolved::Built(m)) => {
@@ -313,7 +313,8 @@ impl<'a> Engine<'a> {
                         );
                     }
                     if kind.reads_provenance() {
-                        upstream_keys.push(HashedInput { name: input.stage.clone(), hash: m.key.clone() });
+                        let json = serde_json::to_vec(&**m).expect("manifests serialise");
+                        upstream_manifests.push(HashedInput { name: input.stage.clone(), hash: sha256_hex(&json) });
                     }
                 }
                 Some(Resolved::Unavailable(_)) if input.optional => {
@@ -341,7 +342,7 @@ impl<'a> Engine<'a> {
             params: stage.params.clone(),
             inputs,
             files,
-            upstream_keys,
+            upstream_manifests,
             exec: ExecFacts { device: self.device.clone(), dtype: self.dtype.clone(), seed: stage.seed },
         }))
     }
@@ -459,7 +460,7 @@ pub fn diff_key_fields(old: &KeyFields, new: &KeyFields) -> Vec<String> {
     for name in old.params.keys().filter(|k| !new.params.contains_key(*k)) {
         out.push(format!("param {name} removed"));
     }
-    for (what, a, b) in [("input", &old.inputs, &new.inputs), ("file", &old.files, &new.files), ("upstream key", &old.upstream_keys, &new.upstream_keys)] {
+    for (what, a, b) in [("input", &old.inputs, &new.inputs), ("file", &old.files, &new.files), ("upstream manifest", &old.upstream_manifests, &new.upstream_manifests)] {
         for input in b {
             match a.iter().find(|i| i.name == input.name) {
                 None => out.push(format!("{what} {} added", input.name)),

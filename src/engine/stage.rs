@@ -42,8 +42,8 @@ pub trait StageKind: Send + Sync {
         Ok(Vec::new())
     }
 
-    /// Whether the stage prints its upstreams' provenance (keys, timings): then upstream keys
-    /// go into its key as well, so it never shows stale provenance.
+    /// Whether the stage prints its upstreams' provenance (keys, timings): then the hashes of
+    /// upstream manifests go into its key as well, so the same key always means the same bytes.
     fn reads_provenance(&self) -> bool {
         false
     }

@@ -1,0 +1,477 @@
+//! Engine semantics on toy stage kinds defined here (no MNIST, no tensors), through the same
+//! `StageKind` trait the paper's stages implement: caching, rerun-only-what-changed, early
+//! cutoff, crash safety and resume, corruption detection and repair, concurrent runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use repro::engine::{maintain, Engine, Finished, Outcome, Pipeline, Registry, RunOptions, RunRecord, StageContext, StageKind, State, Store};
+
+/// Writes its `text` param to `out.txt` (its `comment` param changes the key, not the bytes).
+struct Source;
+impl StageKind for Source {
+    fn kind(&self) -> &str {
+        "source"
+    }
+    fn code_fingerprint(&self) -> String {
+        "source-v1".into()
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        let text = ctx.param_str("text")?.to_string();
+        ctx.write_output("out.txt", text.as_bytes())?;
+        Ok(Finished::Done)
+    }
+}
+
+/// Upper-cases every input it reads.
+struct Upper;
+impl StageKind for Upper {
+    fn kind(&self) -> &str {
+        "upper"
+    }
+    fn code_fingerprint(&self) -> String {
+        "upper-v1".into()
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        let mut all = String::new();
+        for stage in ctx.input_stages().into_iter().map(String::from).collect::<Vec<_>>() {
+            for name in ctx.input_names(&stage).into_iter().map(String::from).collect::<Vec<_>>() {
+                all.push_str(&String::from_utf8(ctx.input(&stage, &name)?)?.to_uppercase());
+            }
+        }
+        ctx.write_output("upper.txt", all.as_bytes())?;
+        Ok(Finished::Done)
+    }
+}
+
+/// Renders its repository file `tpl/page.txt` around its input (a stand-in for the report).
+struct Page;
+impl StageKind for Page {
+    fn kind(&self) -> &str {
+        "page"
+    }
+    fn code_fingerprint(&self) -> String {
+        "page-v1".into()
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        let template = std::fs::read_to_string(ctx.repo_path("tpl/page.txt"))?;
+        let body = String::from_utf8(ctx.input("upper", "upper.txt")?)?;
+        ctx.write_output("page.txt", template.replace("BODY", &body).as_bytes())?;
+        Ok(Finished::Done)
+    }
+}
+
+/// Counts to `steps`, sleeping `step_ms` per step, checkpointing after each step.
+/// Resumes from its checkpoint; records where it resumed from as a metric.
+struct Slow;
+impl StageKind for Slow {
+    fn kind(&self) -> &str {
+        "slow"
+    }
+    fn code_fingerprint(&self) -> String {
+        "slow-v1".into()
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        let steps = ctx.param_int("steps")?;
+        let step_ms = ctx.param_int("step_ms")? as u64;
+        let start = match ctx.checkpoint_load("step")? {
+            Some(bytes) => String::from_utf8(bytes)?.parse::<i64>()?,
+            None => 0,
+        };
+        ctx.set_metric("resumed_from", start.into());
+        // Half-written output: a kill leaves it in staging, never in the store.
+        let partial = ctx.output_path("sum.txt")?;
+        for step in start..steps {
+            std::fs::write(&partial, format!("partial {step}"))?;
+            std::thread::sleep(Duration::from_millis(step_ms));
+            ctx.checkpoint_save("step", (step + 1).to_string().as_bytes())?;
+        }
+        ctx.write_output("sum.txt", format!("{}", steps * (steps - 1) / 2).as_bytes())?;
+        Ok(Finished::Done)
+    }
+}
+
+/// Fails or skips on demand.
+struct Flaky;
+impl StageKind for Flaky {
+    fn kind(&self) -> &str {
+        "flaky"
+    }
+    fn code_fingerprint(&self) -> String {
+        "flaky-v1".into()
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        ctx.write_output("half.txt", b"written before failing")?;
+        match ctx.param_str("mode")? {
+            "fail" => anyhow::bail!("flaky was told to fail"),
+            "skip" => Ok(Finished::Skipped("not installed here".into())),
+            _ => Ok(Finished::Done),
+        }
+    }
+}
+
+fn registry() -> Registry {
+    Registry::new().with(Source).with(Upper).with(Page).with(Slow).with(Flaky)
+}
+
+const PIPELINE: &str = r#"
+[[stage]]
+name = "source"
+kind = "source"
+params = { text = "hello", comment = "" }
+
+[[stage]]
+name = "upper"
+kind = "upper"
+inputs = ["source"]
+params = { seed = 0 }
+
+[[stage]]
+name = "page"
+kind = "page"
+inputs = ["upper/upper.txt"]
+files = ["tpl"]
+
+[[stage]]
+name = "slow"
+kind = "slow"
+params = { steps = 3, step_ms = 1 }
+
+[[stage]]
+name = "after_slow"
+kind = "upper"
+inputs = ["slow"]
+"#;
+
+/// A scratch repository: pipeline/, profiles/test.toml, tpl/page.txt, artifacts/store.
+struct Repo {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Repo {
+    fn new(pipeline: &str) -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir_all(root.join("pipeline/profiles")).unwrap();
+        std::fs::create_dir_all(root.join("tpl")).unwrap();
+        std::fs::write(root.join("pipeline/pipeline.toml"), pipeline).unwrap();
+        std::fs::write(root.join("pipeline/profiles/test.toml"), "").unwrap();
+        std::fs::write(root.join("tpl/page.txt"), "<p>BODY</p>").unwrap();
+        Repo { _dir: dir, root }
+    }
+
+    fn store_dir(&self) -> PathBuf {
+        self.root.join("artifacts/store")
+    }
+
+    fn pipeline(&self, sets: &[&str]) -> Pipeline {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Pipeline::load(&self.root.join("pipeline/pipeline.toml"), "test", &sets, &registry().names()).unwrap()
+    }
+
+    fn run_with(&self, sets: &[&str], repair: bool) -> RunRecord {
+        let registry = registry();
+        let pipeline = self.pipeline(sets);
+        let engine = Engine {
+            registry: &registry,
+            store: Store::open(&self.store_dir()).unwrap(),
+            pipeline: &pipeline,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            options: RunOptions { repair, progress: false },
+        };
+        let all: Vec<_> = pipeline.stages.iter().collect();
+        engine.run(&all, "test").unwrap()
+    }
+
+    fn run(&self, sets: &[&str]) -> RunRecord {
+        self.run_with(sets, false)
+    }
+
+    fn status(&self, sets: &[&str]) -> Vec<repro::engine::StageStatus> {
+        let registry = registry();
+        let pipeline = self.pipeline(sets);
+        let engine = Engine {
+            registry: &registry,
+            store: Store::open(&self.store_dir()).unwrap(),
+            pipeline: &pipeline,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            options: RunOptions::default(),
+        };
+        engine.status().unwrap()
+    }
+
+    fn output(&self, stage: &str, name: &str) -> Vec<u8> {
+        let store = Store::open(&self.store_dir()).unwrap();
+        let manifest = store.last_manifest(stage).unwrap().unwrap();
+        store.read_verified(&manifest.outputs[name].hash, name).unwrap()
+    }
+}
+
+fn outcomes(record: &RunRecord) -> Vec<(String, Outcome)> {
+    record.stages.iter().map(|s| (s.name.clone(), s.outcome)).collect()
+}
+
+fn outcome(record: &RunRecord, stage: &str) -> Outcome {
+    record.stages.iter().find(|s| s.name == stage).unwrap().outcome
+}
+
+#[test]
+fn second_run_with_nothing_changed_is_all_hits() {
+    let repo = Repo::new(PIPELINE);
+    let first = repo.run(&[]);
+    assert!(first.stages.iter().all(|s| s.outcome == Outcome::Ran), "{:?}", outcomes(&first));
+    let second = repo.run(&[]);
+    assert!(second.stages.iter().all(|s| s.outcome == Outcome::Hit), "{:?}", outcomes(&second));
+    assert_eq!(repo.output("page", "page.txt"), b"<p>HELLO</p>");
+    // Same keys both times, and a run record on disk for each run.
+    assert_eq!(first.stages.iter().map(|s| &s.key).collect::<Vec<_>>(), second.stages.iter().map(|s| &s.key).collect::<Vec<_>>());
+    assert_eq!(std::fs::read_dir(repo.root.join("artifacts/runs")).unwrap().count(), 2);
+    assert!(repo.status(&[]).iter().all(|s| s.state == State::Fresh));
+}
+
+#[test]
+fn editing_a_template_reruns_only_the_stage_that_reads_it() {
+    let repo = Repo::new(PIPELINE);
+    repo.run(&[]);
+    std::fs::write(repo.root.join("tpl/page.txt"), "<div>BODY</div>").unwrap();
+    let status = repo.status(&[]);
+    let page = status.iter().find(|s| s.name == "page").unwrap();
+    assert_eq!(page.state, State::Stale);
+    assert!(page.reasons.iter().any(|r| r.contains("file tpl/page.txt changed")), "{:?}", page.reasons);
+    let rerun = repo.run(&[]);
+    assert_eq!(outcome(&rerun, "page"), Outcome::Ran);
+    for stage in ["source", "upper", "slow", "after_slow"] {
+        assert_eq!(outcome(&rerun, stage), Outcome::Hit, "{stage}");
+    }
+    assert_eq!(repo.output("page", "page.txt"), b"<div>HELLO</div>");
+}
+
+#[test]
+fn changing_a_param_reruns_the_stage_and_all_its_dependants() {
+    let repo = Repo::new(PIPELINE);
+    repo.run(&[]);
+    let rerun = repo.run(&["source.text=bye"]);
+    for stage in ["source", "upper", "page"] {
+        assert_eq!(outcome(&rerun, stage), Outcome::Ran, "{stage}");
+    }
+    for stage in ["slow", "after_slow"] {
+        assert_eq!(outcome(&rerun, stage), Outcome::Hit, "{stage}");
+    }
+    assert_eq!(repo.output("page", "page.txt"), b"<p>BYE</p>");
+    // Against the last build ("bye"), asking for a third value is stale for that reason.
+    let why = repo.status(&["source.text=again"]);
+    let source = why.iter().find(|s| s.name == "source").unwrap();
+    assert_eq!(source.state, State::Stale);
+    assert!(source.reasons.iter().any(|r| r.contains("param text: \"bye\" -> \"again\"")), "{:?}", source.reasons);
+}
+
+#[test]
+fn early_cutoff_stops_the_cascade_when_upstream_bytes_do_not_change() {
+    let repo = Repo::new(PIPELINE);
+    repo.run(&[]);
+    // `comment` changes source's key but not its bytes: source reruns, nothing below does.
+    let rerun = repo.run(&["source.comment=reworded"]);
+    assert_eq!(outcome(&rerun, "source"), Outcome::Ran);
+    assert_eq!(outcome(&rerun, "upper"), Outcome::Hit);
+    assert_eq!(outcome(&rerun, "page"), Outcome::Hit);
+}
+
+#[test]
+fn a_failed_stage_publishes_nothing_and_its_dependants_are_skipped() {
+    let repo = Repo::new(
+        r#"
+[[stage]]
+name = "flaky"
+kind = "flaky"
+params = { mode = "fail" }
+[[stage]]
+name = "after"
+kind = "upper"
+inputs = ["flaky"]
+[[stage]]
+name = "optional_reader"
+kind = "upper"
+inputs = ["flaky?"]
+"#,
+    );
+    let record = repo.run(&[]);
+    assert_eq!(outcomes(&record), vec![("flaky".into(), Outcome::Failed), ("after".into(), Outcome::Skipped), ("optional_reader".into(), Outcome::Ran)]);
+    assert!(record.stages[0].message.as_deref().unwrap().contains("flaky was told to fail"));
+    let store = Store::open(&repo.store_dir()).unwrap();
+    assert!(store.last_manifest("flaky").unwrap().is_none());
+    // Only optional_reader's output and log entered the store; nothing of flaky's.
+    assert_eq!(store.manifests().unwrap().len(), 1);
+    assert!(std::fs::read_dir(repo.store_dir().join("tmp")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("stage-")));
+
+    let skipped = repo.run(&["flaky.mode=skip"]);
+    assert_eq!(outcome(&skipped, "flaky"), Outcome::Skipped);
+    assert_eq!(outcome(&skipped, "after"), Outcome::Skipped);
+    assert_eq!(outcome(&skipped, "optional_reader"), Outcome::Hit, "an absent optional input is the same key whether it failed or was skipped");
+}
+
+#[test]
+fn one_flipped_byte_is_found_by_verify_and_by_a_reader_and_repaired_under_repair() {
+    let repo = Repo::new(PIPELINE);
+    repo.run(&[]);
+    let store = Store::open(&repo.store_dir()).unwrap();
+    let source = store.last_manifest("source").unwrap().unwrap();
+    let hash = source.outputs["out.txt"].hash.clone();
+    let path = store.object_path(&hash);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let problems = maintain::verify(&store).unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].message.contains(&hash) && problems[0].message.contains("stage `source`"), "{}", problems[0].message);
+
+    // A stage that reads it fails, naming the object and the stage that owns it.
+    let rerun = repo.run(&["upper.seed=1"]);
+    assert_eq!(outcome(&rerun, "upper"), Outcome::Failed);
+    let message = rerun.stages.iter().find(|s| s.name == "upper").unwrap().message.clone().unwrap();
+    assert!(message.contains(&hash) && message.contains("stage `source`") && message.contains("corrupt"), "{message}");
+
+    // --repair re-hashes what it reuses, rebuilds the corrupt object, and the run succeeds.
+    let repaired = repo.run_with(&["upper.seed=1"], true);
+    assert_eq!(outcome(&repaired, "source"), Outcome::Ran);
+    assert_eq!(outcome(&repaired, "upper"), Outcome::Ran);
+    assert!(maintain::verify(&store).unwrap().is_empty());
+}
+
+#[test]
+fn pipeline_mistakes_are_config_errors_with_file_and_location() {
+    let cases = [
+        ("[[stage]]\nname = \"a\"\nkind = \"source\"\nparams = { text = \"x\" \n", "malformed TOML"),
+        ("[[stage]]\nname = \"a\"\nkind = \"nope\"\n", "unknown kind \"nope\"; valid kinds: source, upper, page, slow, flaky"),
+        ("[[stage]]\nname = \"a\"\nkind = \"upper\"\ninputs = [\"ghost\"]\n", "names unknown stage \"ghost\"; valid stages: a"),
+        ("[[stage]]\nname = \"a\"\nkind = \"upper\"\ninputs = [\"b\"]\n[[stage]]\nname = \"b\"\nkind = \"upper\"\ninputs = [\"a\"]\n", "cycle: a -> b -> a"),
+        ("[[stage]]\nname = \"a\"\nkind = \"upper\"\nimputs = []\n", "unknown field `imputs`"),
+    ];
+    for (text, expected) in cases {
+        let repo = Repo::new(text);
+        let err = Pipeline::load(&repo.root.join("pipeline/pipeline.toml"), "test", &[], &registry().names()).unwrap_err();
+        assert!(err.to_string().contains(expected), "{err}");
+        assert!(err.location.contains("pipeline.toml:"), "location {}", err.location);
+    }
+    let repo = Repo::new(PIPELINE);
+    let load = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Pipeline::load(&repo.root.join("pipeline/pipeline.toml"), "test", &sets, &registry().names())
+    };
+    let err = load(&["source.txt=1"]).unwrap_err();
+    assert!(err.to_string().contains("no param \"txt\"; valid params: comment, text"), "{err}");
+    let err = load(&["sorce.text=1"]).unwrap_err();
+    assert!(err.to_string().contains("unknown stage \"sorce\"; valid stages: source, upper, page, slow, after_slow"), "{err}");
+    let err = load(&["slow.steps=many"]).unwrap_err();
+    assert!(err.to_string().contains("expected a integer") || err.to_string().contains("expected an integer") || err.to_string().contains("integer"), "{err}");
+    std::fs::write(repo.root.join("pipeline/profiles/test.toml"), "[params.upper]\nspeed = 2\n").unwrap();
+    let err = load(&[]).unwrap_err();
+    assert!(err.location.ends_with("test.toml:2:1") && err.to_string().contains("no param \"speed\""), "{err}");
+    let err = Pipeline::load(&repo.root.join("pipeline/pipeline.toml"), "fast", &[], &registry().names()).unwrap_err();
+    assert!(err.to_string().contains("valid profiles: test"), "{err}");
+    assert!(!repo.store_dir().exists(), "loading a pipeline never touches the store");
+}
+
+#[test]
+fn the_same_key_gives_the_same_bytes_in_a_fresh_store() {
+    let a = Repo::new(PIPELINE);
+    let b = Repo::new(PIPELINE);
+    let ra = a.run(&[]);
+    let rb = b.run(&[]);
+    assert_eq!(ra.stages.iter().map(|s| &s.key).collect::<Vec<_>>(), rb.stages.iter().map(|s| &s.key).collect::<Vec<_>>());
+    assert_eq!(a.output("page", "page.txt"), b.output("page", "page.txt"));
+}
+
+// ---- multi-process tests: the test binary re-runs itself as a child pipeline process ----
+
+/// Entry point of a child process (does nothing in a normal test run).
+#[test]
+fn child_process_entry() {
+    let Ok(root) = std::env::var("TOY_CHILD_ROOT") else { return };
+    let sets: Vec<String> = std::env::var("TOY_CHILD_SETS").unwrap_or_default().split_whitespace().map(String::from).collect();
+    let repo = Repo { _dir: tempfile::tempdir().unwrap(), root: PathBuf::from(root) };
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let record = repo.run(&sets);
+    assert!(!record.failed(), "{:?}", outcomes(&record));
+}
+
+fn spawn_child(root: &Path, sets: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child_process_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env("TOY_CHILD_ROOT", root)
+        .env("TOY_CHILD_SETS", sets)
+        .spawn()
+        .unwrap()
+}
+
+fn run_records(root: &Path) -> Vec<RunRecord> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join("artifacts/runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    paths.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
+}
+
+#[test]
+fn kill_9_mid_stage_leaves_nothing_half_written_and_the_rerun_resumes_from_its_checkpoint() {
+    let repo = Repo::new(PIPELINE);
+    let sets = "slow.steps=60 slow.step_ms=100";
+    let mut child = spawn_child(&repo.root, sets);
+    // Wait until the slow stage has checkpointed a few steps, then kill it hard.
+    let checkpoints = repo.store_dir().join("tmp/checkpoints");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let step = std::fs::read_dir(&checkpoints)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| std::fs::read_to_string(e.unwrap().path().join("step")).ok())
+            .and_then(|s| s.parse::<i64>().ok());
+        if step.is_some_and(|s| s >= 3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slow stage never checkpointed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let store = Store::open(&repo.store_dir()).unwrap();
+    assert!(store.last_manifest("slow").unwrap().is_none(), "no manifest for the killed stage");
+    assert!(maintain::verify(&store).unwrap().is_empty(), "the store verifies clean after a kill");
+    for m in store.manifests().unwrap() {
+        assert_ne!(m.stage, "slow");
+    }
+
+    let sets: Vec<&str> = sets.split_whitespace().collect();
+    let rerun = repo.run(&sets);
+    assert_eq!(outcome(&rerun, "slow"), Outcome::Ran);
+    let manifest = store.last_manifest("slow").unwrap().unwrap();
+    let resumed = manifest.metrics["resumed_from"].as_i64().unwrap();
+    assert!(resumed >= 3, "resumed from step {resumed}");
+    assert_eq!(repo.output("slow", "sum.txt"), b"1770");
+    assert!(!store.checkpoint_dir(&manifest.key).exists(), "checkpoints go once the outputs are published");
+    // The dead process's staging directory is scratch that gc removes.
+    let report = maintain::gc(&store, &store.manifests().unwrap().into_iter().map(|m| m.key).collect()).unwrap();
+    assert_eq!(report.objects_removed, 0);
+    assert!(std::fs::read_dir(repo.store_dir().join("tmp")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("stage-")));
+}
+
+#[test]
+fn two_concurrent_runs_on_one_store_both_succeed_and_each_stage_runs_once() {
+    let repo = Repo::new(PIPELINE);
+    let sets = "slow.steps=10 slow.step_ms=50";
+    let mut a = spawn_child(&repo.root, sets);
+    let mut b = spawn_child(&repo.root, sets);
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let records = run_records(&repo.root);
+    assert_eq!(records.len(), 2);
+    for stage in ["source", "upper", "page", "slow", "after_slow"] {
+        let ran = records.iter().filter(|r| outcome(r, stage) == Outcome::Ran).count();
+        let hit = records.iter().filter(|r| outcome(r, stage) == Outcome::Hit).count();
+        assert_eq!((ran, hit), (1, 1), "stage {stage}");
+    }
+}
