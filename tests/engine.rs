@@ -7,7 +7,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
-use repro::engine::{maintain, Engine, Finished, Outcome, Pipeline, Registry, RunOptions, RunRecord, StageContext, StageKind, State, Store};
+use repro::engine::{
+    maintain, Engine, Finished, Outcome, Pipeline, Registry, RunOptions, RunRecord, StageContext,
+    StageKind, State, Store,
+};
 
 /// Writes its `text` param to `out.txt` (its `comment` param changes the key, not the bytes).
 struct Source;
@@ -36,8 +39,18 @@ impl StageKind for Upper {
     }
     fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
         let mut all = String::new();
-        for stage in ctx.input_stages().into_iter().map(String::from).collect::<Vec<_>>() {
-            for name in ctx.input_names(&stage).into_iter().map(String::from).collect::<Vec<_>>() {
+        for stage in ctx
+            .input_stages()
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+        {
+            for name in ctx
+                .input_names(&stage)
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+            {
                 all.push_str(&String::from_utf8(ctx.input(&stage, &name)?)?.to_uppercase());
             }
         }
@@ -113,7 +126,12 @@ impl StageKind for Flaky {
 }
 
 fn registry() -> Registry {
-    Registry::new().with(Source).with(Upper).with(Page).with(Slow).with(Flaky)
+    Registry::new()
+        .with(Source)
+        .with(Upper)
+        .with(Page)
+        .with(Slow)
+        .with(Flaky)
 }
 
 const PIPELINE: &str = r#"
@@ -169,7 +187,13 @@ impl Repo {
 
     fn pipeline(&self, sets: &[&str]) -> Pipeline {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        Pipeline::load(&self.root.join("pipeline/pipeline.toml"), "test", &sets, &registry().names()).unwrap()
+        Pipeline::load(
+            &self.root.join("pipeline/pipeline.toml"),
+            "test",
+            &sets,
+            &registry().names(),
+        )
+        .unwrap()
     }
 
     fn run_with(&self, sets: &[&str], repair: bool) -> RunRecord {
@@ -181,7 +205,10 @@ impl Repo {
             pipeline: &pipeline,
             device: "cpu".into(),
             dtype: "f32".into(),
-            options: RunOptions { repair, progress: false },
+            options: RunOptions {
+                repair,
+                progress: false,
+            },
         };
         let all: Vec<_> = pipeline.stages.iter().collect();
         engine.run(&all, "test").unwrap()
@@ -208,29 +235,56 @@ impl Repo {
     fn output(&self, stage: &str, name: &str) -> Vec<u8> {
         let store = Store::open(&self.store_dir()).unwrap();
         let manifest = store.last_manifest(stage).unwrap().unwrap();
-        store.read_verified(&manifest.outputs[name].hash, name).unwrap()
+        store
+            .read_verified(&manifest.outputs[name].hash, name)
+            .unwrap()
     }
 }
 
 fn outcomes(record: &RunRecord) -> Vec<(String, Outcome)> {
-    record.stages.iter().map(|s| (s.name.clone(), s.outcome)).collect()
+    record
+        .stages
+        .iter()
+        .map(|s| (s.name.clone(), s.outcome))
+        .collect()
 }
 
 fn outcome(record: &RunRecord, stage: &str) -> Outcome {
-    record.stages.iter().find(|s| s.name == stage).unwrap().outcome
+    record
+        .stages
+        .iter()
+        .find(|s| s.name == stage)
+        .unwrap()
+        .outcome
 }
 
 #[test]
 fn second_run_with_nothing_changed_is_all_hits() {
     let repo = Repo::new(PIPELINE);
     let first = repo.run(&[]);
-    assert!(first.stages.iter().all(|s| s.outcome == Outcome::Ran), "{:?}", outcomes(&first));
+    assert!(
+        first.stages.iter().all(|s| s.outcome == Outcome::Ran),
+        "{:?}",
+        outcomes(&first)
+    );
     let second = repo.run(&[]);
-    assert!(second.stages.iter().all(|s| s.outcome == Outcome::Hit), "{:?}", outcomes(&second));
+    assert!(
+        second.stages.iter().all(|s| s.outcome == Outcome::Hit),
+        "{:?}",
+        outcomes(&second)
+    );
     assert_eq!(repo.output("page", "page.txt"), b"<p>HELLO</p>");
     // Same keys both times, and a run record on disk for each run.
-    assert_eq!(first.stages.iter().map(|s| &s.key).collect::<Vec<_>>(), second.stages.iter().map(|s| &s.key).collect::<Vec<_>>());
-    assert_eq!(std::fs::read_dir(repo.root.join("artifacts/runs")).unwrap().count(), 2);
+    assert_eq!(
+        first.stages.iter().map(|s| &s.key).collect::<Vec<_>>(),
+        second.stages.iter().map(|s| &s.key).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        std::fs::read_dir(repo.root.join("artifacts/runs"))
+            .unwrap()
+            .count(),
+        2
+    );
     assert!(repo.status(&[]).iter().all(|s| s.state == State::Fresh));
 }
 
@@ -242,7 +296,13 @@ fn editing_a_template_reruns_only_the_stage_that_reads_it() {
     let status = repo.status(&[]);
     let page = status.iter().find(|s| s.name == "page").unwrap();
     assert_eq!(page.state, State::Stale);
-    assert!(page.reasons.iter().any(|r| r.contains("file tpl/page.txt changed")), "{:?}", page.reasons);
+    assert!(
+        page.reasons
+            .iter()
+            .any(|r| r.contains("file tpl/page.txt changed")),
+        "{:?}",
+        page.reasons
+    );
     let rerun = repo.run(&[]);
     assert_eq!(outcome(&rerun, "page"), Outcome::Ran);
     for stage in ["source", "upper", "slow", "after_slow"] {
@@ -267,7 +327,14 @@ fn changing_a_param_reruns_the_stage_and_all_its_dependants() {
     let why = repo.status(&["source.text=again"]);
     let source = why.iter().find(|s| s.name == "source").unwrap();
     assert_eq!(source.state, State::Stale);
-    assert!(source.reasons.iter().any(|r| r.contains("param text: \"bye\" -> \"again\"")), "{:?}", source.reasons);
+    assert!(
+        source
+            .reasons
+            .iter()
+            .any(|r| r.contains("param text: \"bye\" -> \"again\"")),
+        "{:?}",
+        source.reasons
+    );
 }
 
 #[test]
@@ -300,18 +367,39 @@ inputs = ["flaky?"]
 "#,
     );
     let record = repo.run(&[]);
-    assert_eq!(outcomes(&record), vec![("flaky".into(), Outcome::Failed), ("after".into(), Outcome::Skipped), ("optional_reader".into(), Outcome::Ran)]);
-    assert!(record.stages[0].message.as_deref().unwrap().contains("flaky was told to fail"));
+    assert_eq!(
+        outcomes(&record),
+        vec![
+            ("flaky".into(), Outcome::Failed),
+            ("after".into(), Outcome::Skipped),
+            ("optional_reader".into(), Outcome::Ran)
+        ]
+    );
+    assert!(record.stages[0]
+        .message
+        .as_deref()
+        .unwrap()
+        .contains("flaky was told to fail"));
     let store = Store::open(&repo.store_dir()).unwrap();
     assert!(store.last_manifest("flaky").unwrap().is_none());
     // Only optional_reader's output and log entered the store; nothing of flaky's.
     assert_eq!(store.manifests().unwrap().len(), 1);
-    assert!(std::fs::read_dir(repo.store_dir().join("tmp")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("stage-")));
+    assert!(std::fs::read_dir(repo.store_dir().join("tmp"))
+        .unwrap()
+        .all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("stage-")));
 
     let skipped = repo.run(&["flaky.mode=skip"]);
     assert_eq!(outcome(&skipped, "flaky"), Outcome::Skipped);
     assert_eq!(outcome(&skipped, "after"), Outcome::Skipped);
-    assert_eq!(outcome(&skipped, "optional_reader"), Outcome::Hit, "an absent optional input is the same key whether it failed or was skipped");
+    assert_eq!(
+        outcome(&skipped, "optional_reader"),
+        Outcome::Hit,
+        "an absent optional input is the same key whether it failed or was skipped"
+    );
 }
 
 #[test]
@@ -328,13 +416,29 @@ fn one_flipped_byte_is_found_by_verify_and_by_a_reader_and_repaired_under_repair
 
     let problems = maintain::verify(&store).unwrap();
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].message.contains(&hash) && problems[0].message.contains("stage `source`"), "{}", problems[0].message);
+    assert!(
+        problems[0].message.contains(&hash) && problems[0].message.contains("stage `source`"),
+        "{}",
+        problems[0].message
+    );
 
     // A stage that reads it fails, naming the object and the stage that owns it.
     let rerun = repo.run(&["upper.seed=1"]);
     assert_eq!(outcome(&rerun, "upper"), Outcome::Failed);
-    let message = rerun.stages.iter().find(|s| s.name == "upper").unwrap().message.clone().unwrap();
-    assert!(message.contains(&hash) && message.contains("stage `source`") && message.contains("corrupt"), "{message}");
+    let message = rerun
+        .stages
+        .iter()
+        .find(|s| s.name == "upper")
+        .unwrap()
+        .message
+        .clone()
+        .unwrap();
+    assert!(
+        message.contains(&hash)
+            && message.contains("stage `source`")
+            && message.contains("corrupt"),
+        "{message}"
+    );
 
     // --repair re-hashes what it reuses, rebuilds the corrupt object, and the run succeeds.
     let repaired = repo.run_with(&["upper.seed=1"], true);
@@ -354,27 +458,72 @@ fn pipeline_mistakes_are_config_errors_with_file_and_location() {
     ];
     for (text, expected) in cases {
         let repo = Repo::new(text);
-        let err = Pipeline::load(&repo.root.join("pipeline/pipeline.toml"), "test", &[], &registry().names()).unwrap_err();
+        let err = Pipeline::load(
+            &repo.root.join("pipeline/pipeline.toml"),
+            "test",
+            &[],
+            &registry().names(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains(expected), "{err}");
-        assert!(err.location.contains("pipeline.toml:"), "location {}", err.location);
+        assert!(
+            err.location.contains("pipeline.toml:"),
+            "location {}",
+            err.location
+        );
     }
     let repo = Repo::new(PIPELINE);
     let load = |sets: &[&str]| {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        Pipeline::load(&repo.root.join("pipeline/pipeline.toml"), "test", &sets, &registry().names())
+        Pipeline::load(
+            &repo.root.join("pipeline/pipeline.toml"),
+            "test",
+            &sets,
+            &registry().names(),
+        )
     };
     let err = load(&["source.txt=1"]).unwrap_err();
-    assert!(err.to_string().contains("no param \"txt\"; valid params: comment, text"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no param \"txt\"; valid params: comment, text"),
+        "{err}"
+    );
     let err = load(&["sorce.text=1"]).unwrap_err();
-    assert!(err.to_string().contains("unknown stage \"sorce\"; valid stages: source, upper, page, slow, after_slow"), "{err}");
+    assert!(
+        err.to_string().contains(
+            "unknown stage \"sorce\"; valid stages: source, upper, page, slow, after_slow"
+        ),
+        "{err}"
+    );
     let err = load(&["slow.steps=many"]).unwrap_err();
-    assert!(err.to_string().contains("expected a integer") || err.to_string().contains("expected an integer") || err.to_string().contains("integer"), "{err}");
-    std::fs::write(repo.root.join("pipeline/profiles/test.toml"), "[params.upper]\nspeed = 2\n").unwrap();
+    assert!(
+        err.to_string().contains("expected a integer")
+            || err.to_string().contains("expected an integer")
+            || err.to_string().contains("integer"),
+        "{err}"
+    );
+    std::fs::write(
+        repo.root.join("pipeline/profiles/test.toml"),
+        "[params.upper]\nspeed = 2\n",
+    )
+    .unwrap();
     let err = load(&[]).unwrap_err();
-    assert!(err.location.ends_with("test.toml:2:1") && err.to_string().contains("no param \"speed\""), "{err}");
-    let err = Pipeline::load(&repo.root.join("pipeline/pipeline.toml"), "fast", &[], &registry().names()).unwrap_err();
+    assert!(
+        err.location.ends_with("test.toml:2:1") && err.to_string().contains("no param \"speed\""),
+        "{err}"
+    );
+    let err = Pipeline::load(
+        &repo.root.join("pipeline/pipeline.toml"),
+        "fast",
+        &[],
+        &registry().names(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("valid profiles: test"), "{err}");
-    assert!(!repo.store_dir().exists(), "loading a pipeline never touches the store");
+    assert!(
+        !repo.store_dir().exists(),
+        "loading a pipeline never touches the store"
+    );
 }
 
 #[test]
@@ -383,7 +532,10 @@ fn the_same_key_gives_the_same_bytes_in_a_fresh_store() {
     let b = Repo::new(PIPELINE);
     let ra = a.run(&[]);
     let rb = b.run(&[]);
-    assert_eq!(ra.stages.iter().map(|s| &s.key).collect::<Vec<_>>(), rb.stages.iter().map(|s| &s.key).collect::<Vec<_>>());
+    assert_eq!(
+        ra.stages.iter().map(|s| &s.key).collect::<Vec<_>>(),
+        rb.stages.iter().map(|s| &s.key).collect::<Vec<_>>()
+    );
     assert_eq!(a.output("page", "page.txt"), b.output("page", "page.txt"));
 }
 
@@ -392,9 +544,18 @@ fn the_same_key_gives_the_same_bytes_in_a_fresh_store() {
 /// Entry point of a child process (does nothing in a normal test run).
 #[test]
 fn child_process_entry() {
-    let Ok(root) = std::env::var("TOY_CHILD_ROOT") else { return };
-    let sets: Vec<String> = std::env::var("TOY_CHILD_SETS").unwrap_or_default().split_whitespace().map(String::from).collect();
-    let repo = Repo { _dir: tempfile::tempdir().unwrap(), root: PathBuf::from(root) };
+    let Ok(root) = std::env::var("TOY_CHILD_ROOT") else {
+        return;
+    };
+    let sets: Vec<String> = std::env::var("TOY_CHILD_SETS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let repo = Repo {
+        _dir: tempfile::tempdir().unwrap(),
+        root: PathBuf::from(root),
+    };
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let record = repo.run(&sets);
     assert!(!record.failed(), "{:?}", outcomes(&record));
@@ -402,7 +563,12 @@ fn child_process_entry() {
 
 fn spawn_child(root: &Path, sets: &str) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["child_process_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_process_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("TOY_CHILD_ROOT", root)
         .env("TOY_CHILD_SETS", sets)
         .spawn()
@@ -410,9 +576,15 @@ fn spawn_child(root: &Path, sets: &str) -> std::process::Child {
 }
 
 fn run_records(root: &Path) -> Vec<RunRecord> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join("artifacts/runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join("artifacts/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     paths.sort();
-    paths.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
+    paths
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
 }
 
 #[test]
@@ -432,15 +604,24 @@ fn kill_9_mid_stage_leaves_nothing_half_written_and_the_rerun_resumes_from_its_c
         if step.is_some_and(|s| s >= 3) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "slow stage never checkpointed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow stage never checkpointed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
     let store = Store::open(&repo.store_dir()).unwrap();
-    assert!(store.last_manifest("slow").unwrap().is_none(), "no manifest for the killed stage");
-    assert!(maintain::verify(&store).unwrap().is_empty(), "the store verifies clean after a kill");
+    assert!(
+        store.last_manifest("slow").unwrap().is_none(),
+        "no manifest for the killed stage"
+    );
+    assert!(
+        maintain::verify(&store).unwrap().is_empty(),
+        "the store verifies clean after a kill"
+    );
     for m in store.manifests().unwrap() {
         assert_ne!(m.stage, "slow");
     }
@@ -452,11 +633,29 @@ fn kill_9_mid_stage_leaves_nothing_half_written_and_the_rerun_resumes_from_its_c
     let resumed = manifest.metrics["resumed_from"].as_i64().unwrap();
     assert!(resumed >= 3, "resumed from step {resumed}");
     assert_eq!(repo.output("slow", "sum.txt"), b"1770");
-    assert!(!store.checkpoint_dir(&manifest.key).exists(), "checkpoints go once the outputs are published");
+    assert!(
+        !store.checkpoint_dir(&manifest.key).exists(),
+        "checkpoints go once the outputs are published"
+    );
     // The dead process's staging directory is scratch that gc removes.
-    let report = maintain::gc(&store, &store.manifests().unwrap().into_iter().map(|m| m.key).collect()).unwrap();
+    let report = maintain::gc(
+        &store,
+        &store
+            .manifests()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect(),
+    )
+    .unwrap();
     assert_eq!(report.objects_removed, 0);
-    assert!(std::fs::read_dir(repo.store_dir().join("tmp")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("stage-")));
+    assert!(std::fs::read_dir(repo.store_dir().join("tmp"))
+        .unwrap()
+        .all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("stage-")));
 }
 
 #[test]
@@ -470,8 +669,14 @@ fn two_concurrent_runs_on_one_store_both_succeed_and_each_stage_runs_once() {
     let records = run_records(&repo.root);
     assert_eq!(records.len(), 2);
     for stage in ["source", "upper", "page", "slow", "after_slow"] {
-        let ran = records.iter().filter(|r| outcome(r, stage) == Outcome::Ran).count();
-        let hit = records.iter().filter(|r| outcome(r, stage) == Outcome::Hit).count();
+        let ran = records
+            .iter()
+            .filter(|r| outcome(r, stage) == Outcome::Ran)
+            .count();
+        let hit = records
+            .iter()
+            .filter(|r| outcome(r, stage) == Outcome::Hit)
+            .count();
         assert_eq!((ran, hit), (1, 1), "stage {stage}");
     }
 }

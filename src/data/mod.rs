@@ -90,7 +90,12 @@ pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .with_context(|| format!("{} is not a valid gzip file (truncated or corrupt?)", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{} is not a valid gzip file (truncated or corrupt?)",
+                    path.display()
+                )
+            })?;
         Ok(out)
     } else {
         Ok(raw)
@@ -98,7 +103,12 @@ pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The canonical output files of a dataset stage, in a fixed order.
-pub const OUTPUT_FILES: [&str; 4] = ["train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"];
+pub const OUTPUT_FILES: [&str; 4] = [
+    "train_images.npy",
+    "train_labels.npy",
+    "test_images.npy",
+    "test_labels.npy",
+];
 
 impl Dataset {
     /// `(file name, .npy bytes)` for each of [`OUTPUT_FILES`].
@@ -113,13 +123,18 @@ impl Dataset {
 
     /// Split sizes and per-class counts, for the report's dataset table.
     pub fn summary(&self) -> serde_json::Value {
-        let split = |s: &Split| serde_json::json!({ "n": s.len(), "class_counts": s.class_counts() });
+        let split =
+            |s: &Split| serde_json::json!({ "n": s.len(), "class_counts": s.class_counts() });
         serde_json::json!({ "train": split(&self.train), "test": split(&self.test) })
     }
 
     /// Everything a dataset stage publishes: the four arrays and `summary.json` (sizes, class
     /// counts, the dataset's name and where it came from).
-    pub fn stage_files(&self, name: &str, source: serde_json::Value) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    pub fn stage_files(
+        &self,
+        name: &str,
+        source: serde_json::Value,
+    ) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let mut files = self.npy_files()?;
         let mut summary = self.summary();
         summary["name"] = name.into();

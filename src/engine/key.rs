@@ -81,10 +81,17 @@ mod tests {
             kind: "toy".into(),
             code_fingerprint: "abc".into(),
             params: Params::from([("lr".into(), Param::Float(0.001))]),
-            inputs: vec![HashedInput { name: "up/out".into(), hash: "00".into() }],
+            inputs: vec![HashedInput {
+                name: "up/out".into(),
+                hash: "00".into(),
+            }],
             files: vec![],
             upstream_manifests: vec![],
-            exec: ExecFacts { device: "cpu".into(), dtype: "f32".into(), seed: 0 },
+            exec: ExecFacts {
+                device: "cpu".into(),
+                dtype: "f32".into(),
+                seed: 0,
+            },
         }
     }
 

@@ -19,9 +19,17 @@ fn owners(store: &Store) -> Result<BTreeMap<String, Vec<String>>> {
     let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for m in store.manifests()? {
         for (name, output) in &m.outputs {
-            owners.entry(output.hash.clone()).or_default().push(format!("output `{name}` of stage `{}` (key {})", m.stage, &m.key[..12]));
+            owners.entry(output.hash.clone()).or_default().push(format!(
+                "output `{name}` of stage `{}` (key {})",
+                m.stage,
+                &m.key[..12]
+            ));
         }
-        owners.entry(m.log.clone()).or_default().push(format!("log of stage `{}` (key {})", m.stage, &m.key[..12]));
+        owners.entry(m.log.clone()).or_default().push(format!(
+            "log of stage `{}` (key {})",
+            m.stage,
+            &m.key[..12]
+        ));
     }
     Ok(owners)
 }
@@ -33,16 +41,23 @@ pub fn verify(store: &Store) -> Result<Vec<Problem>> {
     let mut problems = Vec::new();
     for hash in &present {
         if let Some(actual) = store.check_object(hash)? {
-            let owner = owners.get(hash).map_or("no stage".to_string(), |o| o.join("; "));
+            let owner = owners
+                .get(hash)
+                .map_or("no stage".to_string(), |o| o.join("; "));
             problems.push(Problem {
                 object: hash.clone(),
-                message: format!("object {hash} is corrupt (content hashes to {actual}); it is {owner}"),
+                message: format!(
+                    "object {hash} is corrupt (content hashes to {actual}); it is {owner}"
+                ),
             });
         }
     }
     for (hash, owner) in &owners {
         if !present.contains(hash) {
-            problems.push(Problem { object: hash.clone(), message: format!("object {hash} is missing; it is {}", owner.join("; ")) });
+            problems.push(Problem {
+                object: hash.clone(),
+                message: format!("object {hash} is missing; it is {}", owner.join("; ")),
+            });
         }
     }
     Ok(problems)
@@ -72,7 +87,8 @@ pub fn gc(store: &Store, keep: &BTreeSet<String>) -> Result<GcReport> {
     }
     for hash in store.objects()? {
         if !reachable.contains(&hash) {
-            report.bytes_freed += std::fs::metadata(store.object_path(&hash)).map_or(0, |m| m.len());
+            report.bytes_freed +=
+                std::fs::metadata(store.object_path(&hash)).map_or(0, |m| m.len());
             store.remove_object(&hash)?;
             report.objects_removed += 1;
         }

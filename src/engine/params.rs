@@ -32,16 +32,21 @@ impl Param {
             toml::Value::Integer(i) => Param::Int(*i),
             toml::Value::Float(f) => Param::Float(*f),
             toml::Value::String(s) => Param::Str(s.clone()),
-            toml::Value::Array(items) => {
-                Param::List(items.iter().map(Param::from_toml).collect::<Result<_, _>>()?)
-            }
+            toml::Value::Array(items) => Param::List(
+                items
+                    .iter()
+                    .map(Param::from_toml)
+                    .collect::<Result<_, _>>()?,
+            ),
             toml::Value::Table(table) => Param::Table(
                 table
                     .iter()
                     .map(|(k, v)| Ok((k.clone(), Param::from_toml(v)?)))
                     .collect::<Result<_, String>>()?,
             ),
-            toml::Value::Datetime(d) => return Err(format!("datetime {d} is not a valid parameter value")),
+            toml::Value::Datetime(d) => {
+                return Err(format!("datetime {d} is not a valid parameter value"))
+            }
         })
     }
 
@@ -50,7 +55,10 @@ impl Param {
     pub fn parse_cli(text: &str) -> Param {
         let doc = format!("v = {text}");
         match doc.parse::<toml::Table>() {
-            Ok(table) => table.get("v").and_then(|v| Param::from_toml(v).ok()).unwrap_or_else(|| Param::Str(text.to_string())),
+            Ok(table) => table
+                .get("v")
+                .and_then(|v| Param::from_toml(v).ok())
+                .unwrap_or_else(|| Param::Str(text.to_string())),
             Err(_) => Param::Str(text.to_string()),
         }
     }
@@ -76,7 +84,11 @@ impl Param {
             (Param::Str(_), Param::Float(f)) => Ok(Param::Str(f.to_string())),
             (Param::Str(_), Param::Bool(b)) => Ok(Param::Str(b.to_string())),
             (d, v) if std::mem::discriminant(d) == std::mem::discriminant(&v) => Ok(v),
-            (d, v) => Err(format!("expected a {}, got the {} {v}", d.type_name(), v.type_name())),
+            (d, v) => Err(format!(
+                "expected a {}, got the {} {v}",
+                d.type_name(),
+                v.type_name()
+            )),
         }
     }
 
@@ -162,7 +174,10 @@ mod tests {
 
     #[test]
     fn floats_encode_by_bit_pattern() {
-        assert_eq!(encoded(&Param::Float(0.1)), encoded(&Param::parse_cli("1e-1")));
+        assert_eq!(
+            encoded(&Param::Float(0.1)),
+            encoded(&Param::parse_cli("1e-1"))
+        );
         assert_ne!(encoded(&Param::Float(0.0)), encoded(&Param::Float(-0.0)));
     }
 
@@ -177,13 +192,19 @@ mod tests {
     fn cli_values_parse_as_toml_then_fall_back_to_text() {
         assert_eq!(Param::parse_cli("5"), Param::Int(5));
         assert_eq!(Param::parse_cli("true"), Param::Bool(true));
-        assert_eq!(Param::parse_cli("/data/mnist"), Param::Str("/data/mnist".into()));
+        assert_eq!(
+            Param::parse_cli("/data/mnist"),
+            Param::Str("/data/mnist".into())
+        );
         assert_eq!(Param::parse_cli("\"x y\""), Param::Str("x y".into()));
     }
 
     #[test]
     fn coercion_keeps_declared_type() {
-        assert_eq!(Param::Int(3).coerce_to(&Param::Float(1.0)), Ok(Param::Float(3.0)));
+        assert_eq!(
+            Param::Int(3).coerce_to(&Param::Float(1.0)),
+            Ok(Param::Float(3.0))
+        );
         assert!(Param::Str("x".into()).coerce_to(&Param::Int(1)).is_err());
     }
 }

@@ -147,7 +147,10 @@ impl Located<'_> {
     }
 
     fn err(&self, offset: usize, message: impl Into<String>) -> ConfigError {
-        ConfigError { location: self.at(offset), message: message.into() }
+        ConfigError {
+            location: self.at(offset),
+            message: message.into(),
+        }
     }
 
     fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
@@ -171,12 +174,20 @@ fn one_of<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
 
 /// The profiles available next to a pipeline file (`profiles/*.toml`), sorted.
 pub fn available_profiles(pipeline_file: &Path) -> Vec<String> {
-    let dir = pipeline_file.parent().unwrap_or(Path::new(".")).join("profiles");
+    let dir = pipeline_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("profiles");
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".toml").map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".toml")
+                .map(str::to_string)
+        })
         .collect();
     names.sort();
     names
@@ -185,7 +196,12 @@ pub fn available_profiles(pipeline_file: &Path) -> Vec<String> {
 impl Pipeline {
     /// Loads and validates `file` with the profile `profile` and the `--set` overrides.
     /// `kinds` are the registered stage kinds.
-    pub fn load(file: &Path, profile: &str, sets: &[String], kinds: &[&str]) -> Result<Pipeline, ConfigError> {
+    pub fn load(
+        file: &Path,
+        profile: &str,
+        sets: &[String],
+        kinds: &[&str],
+    ) -> Result<Pipeline, ConfigError> {
         let text = read(file)?;
         let src = Located { file, text: &text };
         let decl: PipelineFile = src.parse()?;
@@ -195,25 +211,41 @@ impl Pipeline {
         for s in &decl.stage {
             let name = s.name.get_ref().clone();
             if name.is_empty() || name.contains(['/', '?', '.']) {
-                return Err(src.err(s.name.span().start, format!("stage name {name:?} must be non-empty and contain no '/', '?' or '.'")));
+                return Err(src.err(
+                    s.name.span().start,
+                    format!("stage name {name:?} must be non-empty and contain no '/', '?' or '.'"),
+                ));
             }
             if spans.insert(name.clone(), s.name.span().start).is_some() {
-                return Err(src.err(s.name.span().start, format!("stage {name:?} is declared twice")));
+                return Err(src.err(
+                    s.name.span().start,
+                    format!("stage {name:?} is declared twice"),
+                ));
             }
             if !kinds.contains(&s.kind.get_ref().as_str()) {
                 return Err(src.err(
                     s.kind.span().start,
-                    format!("stage {name:?}: unknown kind {:?}; valid kinds: {}", s.kind.get_ref(), one_of(kinds.iter().copied())),
+                    format!(
+                        "stage {name:?}: unknown kind {:?}; valid kinds: {}",
+                        s.kind.get_ref(),
+                        one_of(kinds.iter().copied())
+                    ),
                 ));
             }
             let mut params = Params::new();
             for (key, value) in &s.params {
-                let param = Param::from_toml(value.get_ref()).map_err(|m| src.err(value.span().start, m))?;
+                let param = Param::from_toml(value.get_ref())
+                    .map_err(|m| src.err(value.span().start, m))?;
                 params.insert(key.get_ref().clone(), param);
             }
             let seed = match params.get("seed") {
                 Some(Param::Int(seed)) if *seed >= 0 => *seed as u64,
-                Some(_) => return Err(src.err(s.name.span().start, format!("stage {name:?}: param `seed` must be a non-negative integer"))),
+                Some(_) => {
+                    return Err(src.err(
+                        s.name.span().start,
+                        format!("stage {name:?}: param `seed` must be a non-negative integer"),
+                    ))
+                }
                 None => decl.pipeline.seed,
             };
             stages.push(Stage {
@@ -245,18 +277,33 @@ impl Pipeline {
                         format!("stage {:?}: input {text:?} names unknown stage {up:?}; valid stages: {}", stage.name, one_of(names.iter().map(String::as_str))),
                     ));
                 }
-                stage.inputs.push(InputRef { stage: up.to_string(), output, optional });
+                stage.inputs.push(InputRef {
+                    stage: up.to_string(),
+                    output,
+                    optional,
+                });
             }
         }
 
         let order = topological_order(&stages).map_err(|cycle| {
-            src.err(spans[&cycle[0]], format!("the stages form a cycle: {}", cycle.join(" -> ")))
+            src.err(
+                spans[&cycle[0]],
+                format!("the stages form a cycle: {}", cycle.join(" -> ")),
+            )
         })?;
-        let mut by_name: HashMap<String, Stage> = stages.into_iter().map(|s| (s.name.clone(), s)).collect();
-        let mut stages: Vec<Stage> = order.iter().map(|n| by_name.remove(n).expect("ordered names exist")).collect();
+        let mut by_name: HashMap<String, Stage> =
+            stages.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let mut stages: Vec<Stage> = order
+            .iter()
+            .map(|n| by_name.remove(n).expect("ordered names exist"))
+            .collect();
 
         // Profile: overrides only, of parameters the pipeline declares.
-        let profile_file = file.parent().unwrap_or(Path::new(".")).join("profiles").join(format!("{profile}.toml"));
+        let profile_file = file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("profiles")
+            .join(format!("{profile}.toml"));
         if !profile_file.is_file() {
             return Err(ConfigError {
                 location: format!("--profile {profile}"),
@@ -268,24 +315,36 @@ impl Pipeline {
             });
         }
         let profile_text = read(&profile_file)?;
-        let psrc = Located { file: &profile_file, text: &profile_text };
+        let psrc = Located {
+            file: &profile_file,
+            text: &profile_text,
+        };
         let pdecl: ProfileFile = psrc.parse()?;
         for (stage_name, overrides) in &pdecl.params {
             let Some(stage) = stages.iter_mut().find(|s| &s.name == stage_name.get_ref()) else {
                 return Err(psrc.err(
                     stage_name.span().start,
-                    format!("unknown stage {:?}; valid stages: {}", stage_name.get_ref(), one_of(names.iter().map(String::as_str))),
+                    format!(
+                        "unknown stage {:?}; valid stages: {}",
+                        stage_name.get_ref(),
+                        one_of(names.iter().map(String::as_str))
+                    ),
                 ));
             };
             for (param, value) in overrides {
-                let new = Param::from_toml(value.get_ref()).map_err(|m| psrc.err(value.span().start, m))?;
-                override_param(stage, param.get_ref(), new).map_err(|m| psrc.err(param.span().start, m))?;
+                let new = Param::from_toml(value.get_ref())
+                    .map_err(|m| psrc.err(value.span().start, m))?;
+                override_param(stage, param.get_ref(), new)
+                    .map_err(|m| psrc.err(param.span().start, m))?;
             }
         }
 
         // `--set STAGE.PARAM=VALUE`, last word.
         for set in sets {
-            let located = |message: String| ConfigError { location: format!("--set {set}"), message };
+            let located = |message: String| ConfigError {
+                location: format!("--set {set}"),
+                message,
+            };
             let (target, value) = set
                 .split_once('=')
                 .ok_or_else(|| located("expected STAGE.PARAM=VALUE".to_string()))?;
@@ -304,11 +363,18 @@ impl Pipeline {
         let description = if pdecl.profile.expected_runtime.is_empty() {
             pdecl.profile.description
         } else {
-            format!("{} (expected run time {})", pdecl.profile.description, pdecl.profile.expected_runtime)
+            format!(
+                "{} (expected run time {})",
+                pdecl.profile.description, pdecl.profile.expected_runtime
+            )
         };
         Ok(Pipeline {
             file: file.to_path_buf(),
-            root: file.parent().and_then(Path::parent).unwrap_or(Path::new(".")).to_path_buf(),
+            root: file
+                .parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
             description: decl.pipeline.description,
             profile: profile.to_string(),
             profile_description: description,
@@ -343,14 +409,22 @@ impl Pipeline {
             }
             i += 1;
         }
-        Ok(self.stages.iter().filter(|s| wanted.contains(&s.name)).collect())
+        Ok(self
+            .stages
+            .iter()
+            .filter(|s| wanted.contains(&s.name))
+            .collect())
     }
 }
 
 fn override_param(stage: &mut Stage, param: &str, value: Param) -> Result<(), String> {
     let valid = || one_of(stage.params.keys().map(String::as_str));
     let Some(declared) = stage.params.get(param) else {
-        return Err(format!("stage {:?} has no param {param:?}; valid params: {}", stage.name, valid()));
+        return Err(format!(
+            "stage {:?} has no param {param:?}; valid params: {}",
+            stage.name,
+            valid()
+        ));
     };
     let value = value
         .coerce_to(declared)
@@ -358,7 +432,12 @@ fn override_param(stage: &mut Stage, param: &str, value: Param) -> Result<(), St
     if param == "seed" {
         match value {
             Param::Int(seed) if seed >= 0 => stage.seed = seed as u64,
-            _ => return Err(format!("param {}.seed must be a non-negative integer", stage.name)),
+            _ => {
+                return Err(format!(
+                    "param {}.seed must be a non-negative integer",
+                    stage.name
+                ))
+            }
         }
     }
     stage.params.insert(param.to_string(), value);
@@ -369,15 +448,18 @@ fn override_param(stage: &mut Stage, param: &str, value: Param) -> Result<(), St
 fn topological_order(stages: &[Stage]) -> Result<Vec<String>, Vec<String>> {
     let mut done: Vec<String> = Vec::new();
     while done.len() < stages.len() {
-        let ready = stages.iter().find(|s| {
-            !done.contains(&s.name) && s.inputs.iter().all(|i| done.contains(&i.stage))
-        });
+        let ready = stages
+            .iter()
+            .find(|s| !done.contains(&s.name) && s.inputs.iter().all(|i| done.contains(&i.stage)));
         match ready {
             Some(s) => done.push(s.name.clone()),
             None => {
                 // Walk unfinished inputs until a stage repeats: that is a cycle.
                 let mut path: Vec<String> = Vec::new();
-                let mut current = stages.iter().find(|s| !done.contains(&s.name)).expect("some left");
+                let mut current = stages
+                    .iter()
+                    .find(|s| !done.contains(&s.name))
+                    .expect("some left");
                 loop {
                     if let Some(pos) = path.iter().position(|n| n == &current.name) {
                         let mut cycle = path[pos..].to_vec();
@@ -385,8 +467,15 @@ fn topological_order(stages: &[Stage]) -> Result<Vec<String>, Vec<String>> {
                         return Err(cycle);
                     }
                     path.push(current.name.clone());
-                    let next = current.inputs.iter().find(|i| !done.contains(&i.stage)).expect("blocked stage has an unfinished input");
-                    current = stages.iter().find(|s| s.name == next.stage).expect("validated");
+                    let next = current
+                        .inputs
+                        .iter()
+                        .find(|i| !done.contains(&i.stage))
+                        .expect("blocked stage has an unfinished input");
+                    current = stages
+                        .iter()
+                        .find(|s| s.name == next.stage)
+                        .expect("validated");
                 }
             }
         }

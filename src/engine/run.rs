@@ -98,7 +98,11 @@ pub struct Engine<'a> {
 impl<'a> Engine<'a> {
     /// The artifacts directory: the store's parent (runs/, report/ and exports live there).
     pub fn artifacts_dir(&self) -> PathBuf {
-        self.store.root().parent().unwrap_or(Path::new(".")).to_path_buf()
+        self.store
+            .root()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
     }
 
     /// Builds `targets` (and nothing else; the caller includes their ancestors) in order.
@@ -116,7 +120,11 @@ impl<'a> Engine<'a> {
                 _ => tracing::info!(
                     "{}: {} ({:.2} s, key {})",
                     stage.name,
-                    if outcome == Outcome::Hit { "hit" } else { "ran" },
+                    if outcome == Outcome::Hit {
+                        "hit"
+                    } else {
+                        "ran"
+                    },
                     seconds,
                     key.as_deref().map_or("?", |k| &k[..12])
                 ),
@@ -141,13 +149,29 @@ impl<'a> Engine<'a> {
         Ok(record)
     }
 
-    fn run_one(&self, stage: &Stage, resolved: &HashMap<String, Resolved>) -> (Outcome, Option<String>, Option<String>, Resolved) {
+    fn run_one(
+        &self,
+        stage: &Stage,
+        resolved: &HashMap<String, Resolved>,
+    ) -> (Outcome, Option<String>, Option<String>, Resolved) {
         let fields = match self.key_fields(stage, resolved) {
             Ok(Ok(fields)) => fields,
-            Ok(Err(reason)) => return (Outcome::Skipped, None, Some(reason.clone()), Resolved::Unavailable(reason)),
+            Ok(Err(reason)) => {
+                return (
+                    Outcome::Skipped,
+                    None,
+                    Some(reason.clone()),
+                    Resolved::Unavailable(reason),
+                )
+            }
             Err(e) => {
                 let m = format!("{e:#}");
-                return (Outcome::Failed, None, Some(m.clone()), Resolved::Unavailable(m));
+                return (
+                    Outcome::Failed,
+                    None,
+                    Some(m.clone()),
+                    Resolved::Unavailable(m),
+                );
             }
         };
         let key = fields.key();
@@ -155,17 +179,35 @@ impl<'a> Engine<'a> {
             Ok((outcome, Some(manifest))) => {
                 if let Err(e) = self.export(stage, &manifest) {
                     let m = format!("{e:#}");
-                    return (Outcome::Failed, Some(key), Some(m.clone()), Resolved::Unavailable(m));
+                    return (
+                        Outcome::Failed,
+                        Some(key),
+                        Some(m.clone()),
+                        Resolved::Unavailable(m),
+                    );
                 }
-                (outcome, Some(key), None, Resolved::Built(Box::new(manifest)))
+                (
+                    outcome,
+                    Some(key),
+                    None,
+                    Resolved::Built(Box::new(manifest)),
+                )
             }
             Ok((_, None)) => unreachable!("build returns a manifest unless skipped"),
-            Err(BuildError::Skipped(reason)) => {
-                (Outcome::Skipped, Some(key), Some(reason.clone()), Resolved::Unavailable(format!("stage {} was skipped: {reason}", stage.name)))
-            }
+            Err(BuildError::Skipped(reason)) => (
+                Outcome::Skipped,
+                Some(key),
+                Some(reason.clone()),
+                Resolved::Unavailable(format!("stage {} was skipped: {reason}", stage.name)),
+            ),
             Err(BuildError::Failed(e)) => {
                 let m = format!("{e:#}");
-                (Outcome::Failed, Some(key), Some(m), Resolved::Unavailable(format!("stage {} failed", stage.name)))
+                (
+                    Outcome::Failed,
+                    Some(key),
+                    Some(m),
+                    Resolved::Unavailable(format!("stage {} failed", stage.name)),
+                )
             }
         }
     }
@@ -173,14 +215,23 @@ impl<'a> Engine<'a> {
     /// A usable manifest for `key`: published, with every object present (and intact, under
     /// `--repair`; corrupt objects are deleted so the stage rebuilds them).
     fn usable_manifest(&self, key: &str) -> Result<Option<Manifest>> {
-        let Some(manifest) = self.store.read_manifest(key)? else { return Ok(None) };
-        let hashes = manifest.outputs.values().map(|o| o.hash.as_str()).chain([manifest.log.as_str()]);
+        let Some(manifest) = self.store.read_manifest(key)? else {
+            return Ok(None);
+        };
+        let hashes = manifest
+            .outputs
+            .values()
+            .map(|o| o.hash.as_str())
+            .chain([manifest.log.as_str()]);
         let mut usable = true;
         for hash in hashes {
             if !self.store.has_object(hash) {
                 usable = false;
             } else if self.options.repair && self.store.check_object(hash)?.is_some() {
-                tracing::warn!("{}: object {hash} is corrupt; rebuilding it (--repair)", manifest.stage);
+                tracing::warn!(
+                    "{}: object {hash} is corrupt; rebuilding it (--repair)",
+                    manifest.stage
+                );
                 self.store.remove_object(hash)?;
                 usable = false;
             }
@@ -188,19 +239,31 @@ impl<'a> Engine<'a> {
         Ok(usable.then_some(manifest))
     }
 
-    fn build(&self, stage: &Stage, key: &str, fields: KeyFields, resolved: &HashMap<String, Resolved>) -> Result<(Outcome, Option<Manifest>), BuildError> {
+    fn build(
+        &self,
+        stage: &Stage,
+        key: &str,
+        fields: KeyFields,
+        resolved: &HashMap<String, Resolved>,
+    ) -> Result<(Outcome, Option<Manifest>), BuildError> {
         if let Some(m) = self.usable_manifest(key)? {
             return Ok((Outcome::Hit, Some(m)));
         }
         let (_lock, waited) = self.store.lock(key)?;
         if waited {
-            tracing::info!("{}: waited for another process building the same key", stage.name);
+            tracing::info!(
+                "{}: waited for another process building the same key",
+                stage.name
+            );
         }
         // Another process may have published it while we waited for the lock.
         if let Some(m) = self.usable_manifest(key)? {
             return Ok((Outcome::Hit, Some(m)));
         }
-        let kind = self.registry.get(&stage.kind).expect("pipeline kinds are validated");
+        let kind = self
+            .registry
+            .get(&stage.kind)
+            .expect("pipeline kinds are validated");
         let staging = self.store.staging_dir(key)?;
         let mut ctx = StageContext {
             stage,
@@ -249,11 +312,22 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn publish(&self, stage: &Stage, key: &str, key_fields: KeyFields, ctx: StageContext, started_utc: String, seconds: f64) -> Result<Manifest> {
+    fn publish(
+        &self,
+        stage: &Stage,
+        key: &str,
+        key_fields: KeyFields,
+        ctx: StageContext,
+        started_utc: String,
+        seconds: f64,
+    ) -> Result<Manifest> {
         let mut outputs = BTreeMap::new();
         for name in &ctx.outputs {
             let path = ctx.staging.join(name);
-            let output = self.store.publish_file(&path).with_context(|| format!("stage {} did not write its output {name}", stage.name))?;
+            let output = self
+                .store
+                .publish_file(&path)
+                .with_context(|| format!("stage {} did not write its output {name}", stage.name))?;
             outputs.insert(name.clone(), output);
         }
         let log = self.store.put_bytes(ctx.log.as_bytes())?;
@@ -273,13 +347,21 @@ impl<'a> Engine<'a> {
         Ok(manifest)
     }
 
-    fn resolved_inputs(&self, stage: &Stage, resolved: &HashMap<String, Resolved>) -> Vec<ResolvedInput> {
+    fn resolved_inputs(
+        &self,
+        stage: &Stage,
+        resolved: &HashMap<String, Resolved>,
+    ) -> Vec<ResolvedInput> {
         let mut out = Vec::new();
         for input in &stage.inputs {
             if let Some(Resolved::Built(m)) = resolved.get(&input.stage) {
                 for (name, o) in &m.outputs {
                     if input.output.as_ref().is_none_or(|want| want == name) {
-                        out.push(ResolvedInput { stage: input.stage.clone(), output: name.clone(), hash: o.hash.clone() });
+                        out.push(ResolvedInput {
+                            stage: input.stage.clone(),
+                            output: name.clone(),
+                            hash: o.hash.clone(),
+                        });
                     }
                 }
             }
@@ -288,8 +370,15 @@ impl<'a> Engine<'a> {
     }
 
     /// The stage's key fields, or `Ok(Err(reason))` when a required upstream is unavailable.
-    fn key_fields(&self, stage: &Stage, resolved: &HashMap<String, Resolved>) -> Result<std::result::Result<KeyFields, String>> {
-        let kind = self.registry.get(&stage.kind).expect("pipeline kinds are validated");
+    fn key_fields(
+        &self,
+        stage: &Stage,
+        resolved: &HashMap<String, Resolved>,
+    ) -> Result<std::result::Result<KeyFields, String>> {
+        let kind = self
+            .registry
+            .get(&stage.kind)
+            .expect("pipeline kinds are validated");
         let mut inputs = Vec::new();
         let mut upstream_manifests = Vec::new();
         for input in &stage.inputs {
@@ -298,7 +387,10 @@ impl<'a> Engine<'a> {
                     let mut any = false;
                     for (name, o) in &m.outputs {
                         if input.output.as_ref().is_none_or(|want| want == name) {
-                            inputs.push(HashedInput { name: format!("{}/{name}", input.stage), hash: o.hash.clone() });
+                            inputs.push(HashedInput {
+                                name: format!("{}/{name}", input.stage),
+                                hash: o.hash.clone(),
+                            });
                             any = true;
                         }
                     }
@@ -314,13 +406,24 @@ impl<'a> Engine<'a> {
                     }
                     if kind.reads_provenance() {
                         let json = serde_json::to_vec(&**m).expect("manifests serialise");
-                        upstream_manifests.push(HashedInput { name: input.stage.clone(), hash: sha256_hex(&json) });
+                        upstream_manifests.push(HashedInput {
+                            name: input.stage.clone(),
+                            hash: sha256_hex(&json),
+                        });
                     }
                 }
                 Some(Resolved::Unavailable(_)) if input.optional => {
-                    inputs.push(HashedInput { name: input.stage.clone(), hash: "absent".into() });
+                    inputs.push(HashedInput {
+                        name: input.stage.clone(),
+                        hash: "absent".into(),
+                    });
                 }
-                Some(Resolved::Unavailable(reason)) => return Ok(Err(format!("input {} is unavailable: {reason}", input.stage))),
+                Some(Resolved::Unavailable(reason)) => {
+                    return Ok(Err(format!(
+                        "input {} is unavailable: {reason}",
+                        input.stage
+                    )))
+                }
                 None => return Ok(Err(format!("input {} was not resolved", input.stage))),
             }
         }
@@ -332,8 +435,15 @@ impl<'a> Engine<'a> {
             }
         }
         for path in kind.external_files(&stage.params)? {
-            let hash = if path.is_file() { hash_file(&path)? } else { "absent".to_string() };
-            files.push(HashedInput { name: path.display().to_string(), hash });
+            let hash = if path.is_file() {
+                hash_file(&path)?
+            } else {
+                "absent".to_string()
+            };
+            files.push(HashedInput {
+                name: path.display().to_string(),
+                hash,
+            });
         }
         Ok(Ok(KeyFields {
             key_schema: KEY_SCHEMA_VERSION,
@@ -343,20 +453,30 @@ impl<'a> Engine<'a> {
             inputs,
             files,
             upstream_manifests,
-            exec: ExecFacts { device: self.device.clone(), dtype: self.dtype.clone(), seed: stage.seed },
+            exec: ExecFacts {
+                device: self.device.clone(),
+                dtype: self.dtype.clone(),
+                seed: stage.seed,
+            },
         }))
     }
 
     /// Copies a stage's outputs to `artifacts/<export>/` (atomically per file).
     fn export(&self, stage: &Stage, manifest: &Manifest) -> Result<()> {
-        let Some(export) = &stage.export else { return Ok(()) };
+        let Some(export) = &stage.export else {
+            return Ok(());
+        };
         let dir = self.artifacts_dir().join(export);
         for (name, output) in &manifest.outputs {
             let dest = dir.join(name);
             let parent = dest.parent().expect("joined path has a parent");
             fs::create_dir_all(parent)?;
             let bytes = fs::read(self.store.object_path(&output.hash))?;
-            atomic_write(&dest, &bytes, &parent.join(format!(".{}.tmp", std::process::id())))?;
+            atomic_write(
+                &dest,
+                &bytes,
+                &parent.join(format!(".{}.tmp", std::process::id())),
+            )?;
         }
         Ok(())
     }
@@ -369,7 +489,11 @@ impl<'a> Engine<'a> {
         if path.exists() {
             path = dir.join(format!("{stamp}-{}.json", std::process::id()));
         }
-        atomic_write(&path, &serde_json::to_vec_pretty(record)?, &self.store.unique_tmp_path("run"))?;
+        atomic_write(
+            &path,
+            &serde_json::to_vec_pretty(record)?,
+            &self.store.unique_tmp_path("run"),
+        )?;
         Ok(path)
     }
 
@@ -383,21 +507,55 @@ impl<'a> Engine<'a> {
                 Ok(fields) => {
                     let key = fields.key();
                     match self.usable_manifest(&key)? {
-                        Some(m) => (StageStatus { name: stage.name.clone(), state: State::Fresh, key: Some(key), reasons: vec![] }, Resolved::Built(Box::new(m))),
+                        Some(m) => (
+                            StageStatus {
+                                name: stage.name.clone(),
+                                state: State::Fresh,
+                                key: Some(key),
+                                reasons: vec![],
+                            },
+                            Resolved::Built(Box::new(m)),
+                        ),
                         None => {
                             let reasons = match &last {
-                                Some(prev) if prev.key == key => vec!["outputs are missing from the store".to_string()],
+                                Some(prev) if prev.key == key => {
+                                    vec!["outputs are missing from the store".to_string()]
+                                }
                                 Some(prev) => diff_key_fields(&prev.key_fields, &fields),
                                 None => vec!["never built".to_string()],
                             };
-                            let state = if last.is_some() { State::Stale } else { State::Missing };
-                            (StageStatus { name: stage.name.clone(), state, key: Some(key), reasons }, Resolved::Unavailable(format!("{} is not built", stage.name)))
+                            let state = if last.is_some() {
+                                State::Stale
+                            } else {
+                                State::Missing
+                            };
+                            (
+                                StageStatus {
+                                    name: stage.name.clone(),
+                                    state,
+                                    key: Some(key),
+                                    reasons,
+                                },
+                                Resolved::Unavailable(format!("{} is not built", stage.name)),
+                            )
                         }
                     }
                 }
                 Err(reason) => {
-                    let state = if last.is_some() { State::Stale } else { State::Missing };
-                    (StageStatus { name: stage.name.clone(), state, key: None, reasons: vec![reason] }, Resolved::Unavailable(format!("{} is not built", stage.name)))
+                    let state = if last.is_some() {
+                        State::Stale
+                    } else {
+                        State::Missing
+                    };
+                    (
+                        StageStatus {
+                            name: stage.name.clone(),
+                            state,
+                            key: None,
+                            reasons: vec![reason],
+                        },
+                        Resolved::Unavailable(format!("{} is not built", stage.name)),
+                    )
                 }
             };
             rows.push(row);
@@ -414,13 +572,19 @@ impl<'a> Engine<'a> {
     /// Every key field that differs between the last build of `name` and now.
     pub fn why(&self, name: &str) -> Result<Vec<String>> {
         let status = self.status()?;
-        let row = status.iter().find(|s| s.name == name).expect("caller validated the name");
+        let row = status
+            .iter()
+            .find(|s| s.name == name)
+            .expect("caller validated the name");
         let mut lines = vec![format!("{name}: {:?}", row.state).to_lowercase()];
         if let Some(key) = &row.key {
             lines.push(format!("current key: {key}"));
         }
         if let Some(prev) = self.store.last_manifest(name)? {
-            lines.push(format!("last built key: {} ({}, {:.2} s)", prev.key, prev.started_utc, prev.seconds));
+            lines.push(format!(
+                "last built key: {} ({}, {:.2} s)",
+                prev.key, prev.started_utc, prev.seconds
+            ));
         }
         lines.extend(row.reasons.iter().map(|r| format!("  {r}")));
         Ok(lines)
@@ -442,13 +606,20 @@ impl From<anyhow::Error> for BuildError {
 pub fn diff_key_fields(old: &KeyFields, new: &KeyFields) -> Vec<String> {
     let mut out = Vec::new();
     if old.key_schema != new.key_schema {
-        out.push(format!("key schema {} -> {}", old.key_schema, new.key_schema));
+        out.push(format!(
+            "key schema {} -> {}",
+            old.key_schema, new.key_schema
+        ));
     }
     if old.kind != new.kind {
         out.push(format!("kind {} -> {}", old.kind, new.kind));
     }
     if old.code_fingerprint != new.code_fingerprint {
-        out.push(format!("code fingerprint {} -> {}", short(&old.code_fingerprint), short(&new.code_fingerprint)));
+        out.push(format!(
+            "code fingerprint {} -> {}",
+            short(&old.code_fingerprint),
+            short(&new.code_fingerprint)
+        ));
     }
     for (name, value) in &new.params {
         match old.params.get(name) {
@@ -460,13 +631,24 @@ pub fn diff_key_fields(old: &KeyFields, new: &KeyFields) -> Vec<String> {
     for name in old.params.keys().filter(|k| !new.params.contains_key(*k)) {
         out.push(format!("param {name} removed"));
     }
-    for (what, a, b) in [("input", &old.inputs, &new.inputs), ("file", &old.files, &new.files), ("upstream manifest", &old.upstream_manifests, &new.upstream_manifests)] {
+    for (what, a, b) in [
+        ("input", &old.inputs, &new.inputs),
+        ("file", &old.files, &new.files),
+        (
+            "upstream manifest",
+            &old.upstream_manifests,
+            &new.upstream_manifests,
+        ),
+    ] {
         for input in b {
             match a.iter().find(|i| i.name == input.name) {
                 None => out.push(format!("{what} {} added", input.name)),
-                Some(prev) if prev.hash != input.hash => {
-                    out.push(format!("{what} {} changed: {} -> {}", input.name, short(&prev.hash), short(&input.hash)))
-                }
+                Some(prev) if prev.hash != input.hash => out.push(format!(
+                    "{what} {} changed: {} -> {}",
+                    input.name,
+                    short(&prev.hash),
+                    short(&input.hash)
+                )),
                 _ => {}
             }
         }
@@ -477,7 +659,12 @@ pub fn diff_key_fields(old: &KeyFields, new: &KeyFields) -> Vec<String> {
     if old.exec != new.exec {
         out.push(format!(
             "execution {}/{}/seed {} -> {}/{}/seed {}",
-            old.exec.device, old.exec.dtype, old.exec.seed, new.exec.device, new.exec.dtype, new.exec.seed
+            old.exec.device,
+            old.exec.dtype,
+            old.exec.seed,
+            new.exec.device,
+            new.exec.dtype,
+            new.exec.seed
         ));
     }
     out

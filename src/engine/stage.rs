@@ -69,7 +69,10 @@ impl Registry {
     }
 
     pub fn get(&self, kind: &str) -> Option<&dyn StageKind> {
-        self.kinds.iter().find(|k| k.kind() == kind).map(|k| k.as_ref())
+        self.kinds
+            .iter()
+            .find(|k| k.kind() == kind)
+            .map(|k| k.as_ref())
     }
 
     pub fn names(&self) -> Vec<&str> {
@@ -121,21 +124,30 @@ impl StageContext<'_> {
 
     fn param(&self, name: &str) -> Result<&Param> {
         self.stage.params.get(name).ok_or_else(|| {
-            anyhow!("stage {:?} needs param {name:?}, which pipeline.toml does not declare", self.stage.name)
+            anyhow!(
+                "stage {:?} needs param {name:?}, which pipeline.toml does not declare",
+                self.stage.name
+            )
         })
     }
 
     pub fn param_str(&self, name: &str) -> Result<&str> {
         match self.param(name)? {
             Param::Str(s) => Ok(s),
-            other => bail!("param {}.{name} must be a string, not {other}", self.stage.name),
+            other => bail!(
+                "param {}.{name} must be a string, not {other}",
+                self.stage.name
+            ),
         }
     }
 
     pub fn param_int(&self, name: &str) -> Result<i64> {
         match self.param(name)? {
             Param::Int(i) => Ok(*i),
-            other => bail!("param {}.{name} must be an integer, not {other}", self.stage.name),
+            other => bail!(
+                "param {}.{name} must be an integer, not {other}",
+                self.stage.name
+            ),
         }
     }
 
@@ -143,14 +155,20 @@ impl StageContext<'_> {
         match self.param(name)? {
             Param::Float(f) => Ok(*f),
             Param::Int(i) => Ok(*i as f64),
-            other => bail!("param {}.{name} must be a number, not {other}", self.stage.name),
+            other => bail!(
+                "param {}.{name} must be a number, not {other}",
+                self.stage.name
+            ),
         }
     }
 
     pub fn param_bool(&self, name: &str) -> Result<bool> {
         match self.param(name)? {
             Param::Bool(b) => Ok(*b),
-            other => bail!("param {}.{name} must be true or false, not {other}", self.stage.name),
+            other => bail!(
+                "param {}.{name} must be true or false, not {other}",
+                self.stage.name
+            ),
         }
     }
 
@@ -182,7 +200,11 @@ impl StageContext<'_> {
 
     /// Names of the outputs of `stage` this stage may read.
     pub fn input_names(&self, stage: &str) -> Vec<&str> {
-        self.inputs.iter().filter(|i| i.stage == stage).map(|i| i.output.as_str()).collect()
+        self.inputs
+            .iter()
+            .filter(|i| i.stage == stage)
+            .map(|i| i.output.as_str())
+            .collect()
     }
 
     /// Reads one upstream output, verified against its content hash.
@@ -191,9 +213,16 @@ impl StageContext<'_> {
             .inputs
             .iter()
             .find(|i| i.stage == stage && i.output == output)
-            .ok_or_else(|| anyhow!("stage {:?} did not declare input {stage}/{output}", self.stage.name))?;
-        self.store
-            .read_verified(&input.hash, &format!("output `{output}` of stage `{stage}`"))
+            .ok_or_else(|| {
+                anyhow!(
+                    "stage {:?} did not declare input {stage}/{output}",
+                    self.stage.name
+                )
+            })?;
+        self.store.read_verified(
+            &input.hash,
+            &format!("output `{output}` of stage `{stage}`"),
+        )
     }
 
     /// The manifest of an upstream stage (provenance: key, params, timings, log object).
@@ -203,8 +232,11 @@ impl StageContext<'_> {
 
     /// Reads an upstream stage's log, verified.
     pub fn upstream_log(&self, stage: &str) -> Result<Vec<u8>> {
-        let manifest = self.upstream_manifest(stage).ok_or_else(|| anyhow!("no upstream {stage}"))?;
-        self.store.read_verified(&manifest.log, &format!("log of stage `{stage}`"))
+        let manifest = self
+            .upstream_manifest(stage)
+            .ok_or_else(|| anyhow!("no upstream {stage}"))?;
+        self.store
+            .read_verified(&manifest.log, &format!("log of stage `{stage}`"))
     }
 
     /// Path to write output `name` to (parent directories created). The file becomes an
@@ -260,7 +292,11 @@ impl StageContext<'_> {
         check_output_name(name)?;
         let dir = self.store.checkpoint_dir(&self.key);
         fs::create_dir_all(&dir)?;
-        atomic_write(&dir.join(name), bytes, &self.store.unique_tmp_path("checkpoint"))
+        atomic_write(
+            &dir.join(name),
+            bytes,
+            &self.store.unique_tmp_path("checkpoint"),
+        )
     }
 
     /// The last checkpoint saved under this key with this name, if any.

@@ -74,9 +74,12 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store> {
         for sub in ["objects", "manifests", "refs", "locks", "tmp"] {
             let dir = root.join(sub);
-            fs::create_dir_all(&dir).with_context(|| format!("creating store directory {}", dir.display()))?;
+            fs::create_dir_all(&dir)
+                .with_context(|| format!("creating store directory {}", dir.display()))?;
         }
-        Ok(Store { root: root.to_path_buf() })
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -98,7 +101,10 @@ impl Store {
     /// A fresh, empty directory under `tmp/` for one attempt at building `key`.
     pub fn staging_dir(&self, key: &str) -> Result<PathBuf> {
         let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
-        let dir = self.root.join("tmp").join(format!("stage-{key}-{}-{n}", std::process::id()));
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("stage-{key}-{}-{n}", std::process::id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(dir)
     }
@@ -111,10 +117,16 @@ impl Store {
     /// Reads an object and checks its bytes against its name. `owner` says whose output it is.
     pub fn read_verified(&self, hash: &str, owner: &str) -> Result<Vec<u8>> {
         let path = self.object_path(hash);
-        let bytes = fs::read(&path).with_context(|| format!("reading object {} ({owner})", path.display()))?;
+        let bytes = fs::read(&path)
+            .with_context(|| format!("reading object {} ({owner})", path.display()))?;
         let actual = sha256_hex(&bytes);
         if actual != hash {
-            return Err(CorruptObject { hash: hash.into(), owner: owner.into(), actual }.into());
+            return Err(CorruptObject {
+                hash: hash.into(),
+                owner: owner.into(),
+                actual,
+            }
+            .into());
         }
         Ok(bytes)
     }
@@ -122,7 +134,8 @@ impl Store {
     /// Re-hashes one object; `Ok(None)` when it is intact, `Ok(Some(actual))` when corrupt.
     pub fn check_object(&self, hash: &str) -> Result<Option<String>> {
         let path = self.object_path(hash);
-        let actual = hash_file(&path).with_context(|| format!("reading object {}", path.display()))?;
+        let actual =
+            hash_file(&path).with_context(|| format!("reading object {}", path.display()))?;
         Ok((actual != hash).then_some(actual))
     }
 
@@ -156,9 +169,17 @@ impl Store {
     /// Writes a manifest atomically; call only after its objects are published and synced.
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let json = serde_json::to_vec_pretty(manifest)?;
-        atomic_write(&self.manifest_path(&manifest.key), &json, &self.unique_tmp_path("manifest"))?;
+        atomic_write(
+            &self.manifest_path(&manifest.key),
+            &json,
+            &self.unique_tmp_path("manifest"),
+        )?;
         let ref_path = self.root.join("refs").join(&manifest.stage);
-        atomic_write(&ref_path, manifest.key.as_bytes(), &self.unique_tmp_path("ref"))
+        atomic_write(
+            &ref_path,
+            manifest.key.as_bytes(),
+            &self.unique_tmp_path("ref"),
+        )
     }
 
     /// The manifest for `key`, if one was published. A manifest that does not parse is an error
@@ -226,10 +247,13 @@ impl Store {
         let waited = match file.try_lock() {
             Ok(()) => false,
             Err(fs::TryLockError::WouldBlock) => {
-                file.lock().with_context(|| format!("locking {}", path.display()))?;
+                file.lock()
+                    .with_context(|| format!("locking {}", path.display()))?;
                 true
             }
-            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
         };
         Ok((KeyLock { _file: file }, waited))
     }
@@ -246,7 +270,9 @@ impl Store {
             };
             let key = rest.split('-').next().unwrap_or_default();
             let path = self.root.join("locks").join(format!("{key}.lock"));
-            let free = File::open(&path).map(|f| f.try_lock().is_ok()).unwrap_or(true);
+            let free = File::open(&path)
+                .map(|f| f.try_lock().is_ok())
+                .unwrap_or(true);
             if free {
                 fs::remove_dir_all(self.root.join("tmp").join(&name))?;
                 removed += 1;
@@ -257,7 +283,9 @@ impl Store {
 
     pub fn unique_tmp_path(&self, what: &str) -> PathBuf {
         let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{what}-{}-{n}", std::process::id()))
+        self.root
+            .join("tmp")
+            .join(format!("{what}-{}-{n}", std::process::id()))
     }
 }
 
@@ -272,7 +300,9 @@ pub fn hash_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -284,8 +314,10 @@ pub fn hash_file(path: &Path) -> Result<String> {
 /// Writes `bytes` to `path` and fsyncs the file.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    file.sync_all().with_context(|| format!("syncing {}", path.display()))
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))
 }
 
 /// Replaces `dest` atomically: write `tmp`, fsync, rename, fsync the directory.
@@ -316,7 +348,9 @@ fn list_names(dir: &Path) -> Result<Vec<String>> {
 pub fn check_output_name(name: &str) -> Result<()> {
     let path = Path::new(name);
     let ok = !name.is_empty()
-        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
     if !ok {
         bail!("output name {name:?} must be a relative path without `..`");
     }

@@ -36,11 +36,18 @@ struct ClaimsFile {
 
 /// Reads `claims.toml`; errors name the file and the TOML location.
 pub fn read_claims(path: &Path) -> Result<Vec<Claim>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: ClaimsFile = toml::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: ClaimsFile =
+        toml::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
     let mut seen = std::collections::BTreeSet::new();
     for claim in &file.claim {
-        anyhow::ensure!(seen.insert(claim.id.clone()), "{}: claim {} is listed twice", path.display(), claim.id);
+        anyhow::ensure!(
+            seen.insert(claim.id.clone()),
+            "{}: claim {} is listed twice",
+            path.display(),
+            claim.id
+        );
     }
     Ok(file.claim)
 }
@@ -82,9 +89,11 @@ pub fn markdown(text: &str) -> String {
 /// variable is an error naming the template, so a missing number cannot render as blank.
 pub fn render(templates: &Path, template: &str, context: &serde_json::Value) -> Result<String> {
     let glob = format!("{}/**/*.tera", templates.display());
-    let mut tera = tera::Tera::new(&glob).with_context(|| format!("loading templates from {}", templates.display()))?;
+    let mut tera = tera::Tera::new(&glob)
+        .with_context(|| format!("loading templates from {}", templates.display()))?;
     tera.autoescape_on(vec![".html.tera"]);
-    let context = tera::Context::from_value(context.clone()).context("report context must be a JSON object")?;
+    let context = tera::Context::from_value(context.clone())
+        .context("report context must be a JSON object")?;
     tera.render(template, &context).map_err(|e| {
         // tera hides the useful part in the error's source chain.
         let mut message = e.to_string();

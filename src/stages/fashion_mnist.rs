@@ -27,9 +27,14 @@ impl StageKind for FashionMnist {
     }
 
     fn external_files(&self, params: &Params) -> Result<Vec<PathBuf>> {
-        let Some(Param::Str(dir)) = params.get("dir") else { return Ok(Vec::new()) };
+        let Some(Param::Str(dir)) = params.get("dir") else {
+            return Ok(Vec::new());
+        };
         let dir = Path::new(dir);
-        Ok(idx::FILES.iter().map(|stem| idx::find(dir, stem).unwrap_or_else(|| dir.join(stem))).collect())
+        Ok(idx::FILES
+            .iter()
+            .map(|stem| idx::find(dir, stem).unwrap_or_else(|| dir.join(stem)))
+            .collect())
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
@@ -47,7 +52,12 @@ impl StageKind for FashionMnist {
         for (file, bytes) in dataset.stage_files("Fashion-MNIST", source)? {
             ctx.write_output(file, &bytes)?;
         }
-        ctx.log(format!("{} train, {} test; test class counts {:?}", dataset.train.len(), dataset.test.len(), dataset.test.class_counts()));
+        ctx.log(format!(
+            "{} train, {} test; test class counts {:?}",
+            dataset.train.len(),
+            dataset.test.len(),
+            dataset.test.class_counts()
+        ));
         Ok(Finished::Done)
     }
 }

@@ -43,7 +43,10 @@ impl StageKind for Mnist {
         let archive = str_param(params, "archive");
         if !dir.is_empty() {
             let dir = Path::new(dir);
-            Ok(idx::FILES.iter().map(|stem| idx::find(dir, stem).unwrap_or_else(|| dir.join(stem))).collect())
+            Ok(idx::FILES
+                .iter()
+                .map(|stem| idx::find(dir, stem).unwrap_or_else(|| dir.join(stem)))
+                .collect())
         } else if !archive.is_empty() {
             Ok(vec![PathBuf::from(archive)])
         } else {
@@ -63,7 +66,10 @@ impl StageKind for Mnist {
         let archive = ctx.param_str("archive")?.to_string();
         let (dataset, source_note) = if !dir.is_empty() {
             ctx.log(format!("reading IDX files from {dir}"));
-            (idx::read_dataset(Path::new(&dir))?, serde_json::json!({ "kind": "idx", "dir": dir }))
+            (
+                idx::read_dataset(Path::new(&dir))?,
+                serde_json::json!({ "kind": "idx", "dir": dir }),
+            )
         } else {
             let archive = if archive.is_empty() {
                 let mut lines = Vec::new();
@@ -73,7 +79,11 @@ impl StageKind for Mnist {
             } else {
                 PathBuf::from(archive)
             };
-            ctx.log(format!("reading {} from {}", source.member, archive.display()));
+            ctx.log(format!(
+                "reading {} from {}",
+                source.member,
+                archive.display()
+            ));
             let member = mnist::member_bytes(&archive, &source)?;
             let dataset = mnist::decode_pickle_gz(&member)?;
             let note = serde_json::json!({
@@ -88,8 +98,12 @@ impl StageKind for Mnist {
         for (file, bytes) in dataset.stage_files("MNIST", source_note)? {
             ctx.write_output(file, &bytes)?;
         }
-        ctx.log(format!("{} train, {} test; test class counts {:?}", dataset.train.len(), dataset.test.len(), dataset.test.class_counts()));
+        ctx.log(format!(
+            "{} train, {} test; test class counts {:?}",
+            dataset.train.len(),
+            dataset.test.len(),
+            dataset.test.class_counts()
+        ));
         Ok(Finished::Done)
     }
 }
-

@@ -19,10 +19,15 @@ pub fn code_fingerprint(kind: &str) -> String {
         .iter()
         .find(|(k, _)| *k == kind)
         .map(|(_, f)| f.to_string())
-        .unwrap_or_else(|| panic!("no code fingerprint for stage kind {kind}: is src/stages/{kind}.rs there?"))
+        .unwrap_or_else(|| {
+            panic!("no code fingerprint for stage kind {kind}: is src/stages/{kind}.rs there?")
+        })
 }
 
 /// Every stage kind the paper's pipeline can use.
 pub fn registry() -> Registry {
-    Registry::new().with(mnist::Mnist).with(fashion_mnist::FashionMnist).with(report::Report)
+    Registry::new()
+        .with(mnist::Mnist)
+        .with(fashion_mnist::FashionMnist)
+        .with(report::Report)
 }

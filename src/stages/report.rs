@@ -27,8 +27,13 @@ fn provenance(manifest: &Manifest) -> Provenance {
     Provenance {
         stage: manifest.stage.clone(),
         key_prefix: manifest.key[..12].to_string(),
-        params: fields.params.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
-        code_fingerprint_prefix: fields.code_fingerprint[..12.min(fields.code_fingerprint.len())].to_string(),
+        params: fields
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+        code_fingerprint_prefix: fields.code_fingerprint[..12.min(fields.code_fingerprint.len())]
+            .to_string(),
         device: fields.exec.device.clone(),
         dtype: fields.exec.dtype.clone(),
         seed: fields.exec.seed,
@@ -103,10 +108,16 @@ impl StageKind for Report {
 
         let mut texts = BTreeMap::new();
         let text_dir = ctx.repo_path("paper/text");
-        for entry in std::fs::read_dir(&text_dir).with_context(|| format!("listing {}", text_dir.display()))? {
+        for entry in std::fs::read_dir(&text_dir)
+            .with_context(|| format!("listing {}", text_dir.display()))?
+        {
             let path = entry?.path();
-            if let (Some(stem), Some("md")) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str())) {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            if let (Some(stem), Some("md")) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|e| e.to_str()),
+            ) {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 texts.insert(stem.to_string(), markdown(&text));
             }
         }
@@ -117,7 +128,11 @@ impl StageKind for Report {
             "datasets": datasets,
             "text": texts,
         });
-        let html = render(&ctx.repo_path("paper/templates"), "index.html.tera", &context)?;
+        let html = render(
+            &ctx.repo_path("paper/templates"),
+            "index.html.tera",
+            &context,
+        )?;
         ctx.write_output("index.html", html.as_bytes())?;
 
         let results = json!({
@@ -139,7 +154,11 @@ impl StageKind for Report {
                 ctx.write_output(&format!("logs/{stage}.log"), &log)?;
             }
         }
-        ctx.log(format!("rendered {} claims and {} datasets for profile {profile}", claims.len(), datasets.len()));
+        ctx.log(format!(
+            "rendered {} claims and {} datasets for profile {profile}",
+            claims.len(),
+            datasets.len()
+        ));
         Ok(Finished::Done)
     }
 }

@@ -1,0 +1,37 @@
+# Reproduction of Jacobsen et al., "Excessive Invariance Causes Adversarial Vulnerability".
+# `just` alone lists the recipes.
+
+# List the recipes
+default:
+    @just --list
+
+# Run the whole pipeline (profiles: smoke, cpu, paper) and render the report
+reproduce profile="cpu":
+    cargo run --release --quiet --bin repro -- --profile {{profile}} reproduce
+    @echo "report: artifacts/report/index.html"
+
+# Run the test suite (formatting, lints, unit, integration and end-to-end tests)
+test:
+    cargo fmt --check
+    cargo clippy --all-targets --quiet -- -D warnings
+    cargo test --all-targets
+
+# Benchmarks with their peers measured in the same run (results in artifacts/bench/)
+bench:
+    cargo bench --bench noop_reproduce
+
+# Show each stage as fresh, stale or missing, and why
+status profile="cpu":
+    cargo run --release --quiet --bin repro -- --profile {{profile}} status
+
+# Re-hash every object in the store
+verify:
+    cargo run --release --quiet --bin repro -- verify
+
+# Build only the report (and what it needs)
+report profile="cpu":
+    cargo run --release --quiet --bin repro -- --profile {{profile}} report
+
+# Delete the store, runs and report (build outputs stay)
+clean:
+    rm -rf artifacts
