@@ -14,7 +14,7 @@ reproduce profile="cpu":
 test:
     cargo fmt --check
     cargo clippy --all-targets --quiet -- -D warnings
-    cargo test --all-targets
+    cargo test
 
 # Benchmarks with their peers measured in the same run (results in artifacts/bench/)
 bench:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Ensure a Python venv with PyTorch exists for the PyTorch side of the
+# training-step throughput benchmark (bench/pytorch_train_step.py).
+#
+# Venv location: ${REPRO_TORCH_VENV:-$HOME/.cache/repro/torch-venv}
+#
+# On success the LAST line on stdout is the venv's python path; everything
+# else (progress, pip output) goes to stderr. Quiet when the venv already works.
+# On failure it exits non-zero with a message on stderr, so a caller can skip
+# the PyTorch side, e.g.:
+#
+#   if PY=$(bash bench/pytorch_env.sh | tail -n1); then ...; else echo "skipping PyTorch"; fi
+set -u -o pipefail
+
+VENV="${REPRO_TORCH_VENV:-$HOME/.cache/repro/torch-venv}"
+PY="$VENV/bin/python"
+
+die() {
+    echo "pytorch_env.sh: error: $*" >&2
+    echo "pytorch_env.sh: the PyTorch side of the benchmark is unavailable" >&2
+    exit 1
+}
+
+torch_ok() {
+    [ -x "$PY" ] && "$PY" -c 'import torch' >/dev/null 2>&1
+}
+
+if torch_ok; then
+    echo "$PY"
+    exit 0
+fi
+
+command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH"
+
+echo "pytorch_env.sh: setting up PyTorch venv at $VENV (torch is a large download; this may take a few minutes)" >&2
+
+if [ ! -x "$PY" ] || ! "$PY" -m pip --version >/dev/null 2>&1; then
+    # Absent or broken venv: (re)create it from scratch.
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")" || die "cannot create $(dirname "$VENV")"
+    python3 -m venv "$VENV" >&2 \
+        || die "'python3 -m venv $VENV' failed (on Debian/Ubuntu: apt-get install python3-venv)"
+fi
+
+"$PY" -m pip install --quiet --upgrade pip >&2 || echo "pytorch_env.sh: warning: could not upgrade pip; continuing" >&2
+"$PY" -m pip install torch >&2 || die "'pip install torch' failed in $VENV"
+
+torch_ok || die "torch installed but 'import torch' still fails in $VENV"
+
+echo "pytorch_env.sh: torch $("$PY" -c 'import torch; print(torch.__version__)') ready" >&2
+echo "$PY"
