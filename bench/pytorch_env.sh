@@ -35,10 +35,13 @@ command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH"
 echo "pytorch_env.sh: setting up PyTorch venv at $VENV (torch is a large download; this may take a few minutes)" >&2
 
 if [ ! -x "$PY" ] || ! "$PY" -m pip --version >/dev/null 2>&1; then
-    # Absent or broken venv: (re)create it from scratch.
-    rm -rf "$VENV"
+    # Absent or broken venv: (re)create it. Never wipe a non-empty directory
+    # that is not a venv (REPRO_TORCH_VENV may point anywhere).
+    if [ -d "$VENV" ] && [ -n "$(ls -A "$VENV" 2>/dev/null)" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+        die "$VENV exists, is not empty and is not a venv; refusing to overwrite it (set REPRO_TORCH_VENV elsewhere)"
+    fi
     mkdir -p "$(dirname "$VENV")" || die "cannot create $(dirname "$VENV")"
-    python3 -m venv "$VENV" >&2 \
+    python3 -m venv --clear "$VENV" >&2 \
         || die "'python3 -m venv $VENV' failed (on Debian/Ubuntu: apt-get install python3-venv)"
 fi
 

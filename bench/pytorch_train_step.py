@@ -24,10 +24,14 @@ import math
 import statistics
 import sys
 import time
+import warnings
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# A plain `pip install torch` venv has no NumPy; torch warns about it on import.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 BATCH = 128
 SEED = 0

@@ -1,0 +1,121 @@
+//! Model code on dfdx 0.13 (unmodified, from the registry): what dfdx lacks on stable is built
+//! here from its public API.
+//!
+//! **Layout.** Every activation is a 2-D tensor `(C·H·W, B)`: features in rows (channel-major,
+//! then row, then column), the batch in columns. Every layer is then a map on rows: a conv is
+//! one `gather` of whole rows plus one matmul ([`ops::Conv2d`]), a squeeze or a channel
+//! permutation is a row permutation, a channel split is a row slice, the logits are 10 rows.
+//!
+//! **Weights files** (safetensors, [`io`]) are self-describing: the model config is JSON in the
+//! metadata under `config`, and tensor names follow the module tree in PyTorch's conventions,
+//! e.g. `level0.step3.coupling.conv1.weight` with shape `(O, C, k, k)`, `….bias` `(O,)`,
+//! `level0.step3.actnorm.bias` / `.logs` `(C,)`, `level0.split.prior.weight`. A reader in
+//! another framework can rebuild the model from the file alone.
+//!
+//! Module map: [`ops`] (conv, linear, permutations, losses), [`flow`] (ActNorm, couplings,
+//! squeeze, split prior, fi-RevNet), [`cnn`] (the small ResNet-style classifier), [`optim`]
+//! (Adam, Adamax), [`io`] (safetensors).
+//!
+//! All randomness (init, dropout masks, shuffling) comes from seeded ChaCha generators owned by
+//! the caller, never from the device, so a run can resume mid-way and give the same bytes.
+
+pub mod ops;
+
+use dfdx::prelude::*;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// The device every tensor lives on: CPU, or CUDA with `--features cuda`.
+#[cfg(not(feature = "cuda"))]
+pub type Dev = dfdx::tensor::Cpu;
+#[cfg(feature = "cuda")]
+pub type Dev = dfdx::tensor::Cuda;
+
+/// The name of [`Dev`], as it goes into stage keys.
+pub const DEVICE_NAME: &str = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
+
+/// A 2-D activation or parameter, `(rows, columns)`.
+pub type T2<T = NoneTape> = Tensor<(usize, usize), f32, Dev, T>;
+/// A per-example vector, `(B,)`.
+pub type T1<T = NoneTape> = Tensor<(usize,), f32, Dev, T>;
+/// Row indices for `gather`.
+pub type Index = Tensor<(usize,), usize, Dev>;
+/// Gradients of a backward pass.
+pub type Grads = Gradients<f32, Dev>;
+
+/// Tapes usable with our tensors: `NoneTape` (inference) or `OwnedTape` (training).
+pub trait Tp: Tape<f32, Dev> + Merge<NoneTape> + Merge<Self> {}
+impl<T: Tape<f32, Dev> + Merge<NoneTape> + Merge<T>> Tp for T {}
+
+/// A fresh device with dfdx's allocation cache on (≈30 % faster steps).
+pub fn device() -> Dev {
+    let dev = Dev::default();
+    dev.enable_cache();
+    dev
+}
+
+/// A named parameter. `shape` is its PyTorch shape (e.g. `(O, C, k, k)`), `value` the same
+/// numbers as a 2-D tensor `(shape[0], rest)` (a vector is `(n, 1)`).
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: T2,
+}
+
+impl Param {
+    pub fn new(dev: &Dev, name: impl Into<String>, shape: &[usize], data: Vec<f32>) -> Param {
+        let rows = shape[0];
+        let cols = shape[1..].iter().product::<usize>().max(1);
+        assert_eq!(data.len(), rows * cols, "parameter data length");
+        Param { name: name.into(), shape: shape.to_vec(), value: dev.tensor_from_vec(data, (rows, cols)) }
+    }
+
+    pub fn zeros(dev: &Dev, name: impl Into<String>, shape: &[usize]) -> Param {
+        let n = shape.iter().product();
+        Param::new(dev, name, shape, vec![0.0; n])
+    }
+
+    /// PyTorch's default init for conv/linear weights and biases: U(−1/√fan_in, 1/√fan_in).
+    pub fn uniform(dev: &Dev, name: impl Into<String>, shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng) -> Param {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let n = shape.iter().product();
+        let data = (0..n).map(|_| rng.gen_range(-bound..bound)).collect();
+        Param::new(dev, name, shape, data)
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The parameter as a vector `(n,)` (for per-channel broadcasts).
+    pub fn as_vector(&self) -> T1 {
+        let n = self.numel();
+        self.value.clone().reshape_like(&(n,))
+    }
+}
+
+/// Anything that owns parameters, visited in a fixed order (the order of the weights file,
+/// the optimiser state and the gradient list).
+pub trait HasParams {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param));
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Param));
+
+    fn params(&self) -> Vec<&Param> {
+        let mut out = Vec::new();
+        self.visit(&mut |p| out.push(p));
+        out
+    }
+
+    fn param_count(&self) -> usize {
+        self.params().iter().map(|p| p.numel()).sum()
+    }
+}
+
+/// A seeded generator for one purpose of one stage (init, dropout, shuffling, ...).
+pub fn rng_for(seed: u64, purpose: &str) -> ChaCha8Rng {
+    use rand::SeedableRng;
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{seed}/{purpose}").as_bytes());
+    ChaCha8Rng::from_seed(digest.into())
+}

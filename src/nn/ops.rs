@@ -1,0 +1,336 @@
+//! Layers built from dfdx's public ops in the `(C·H·W, B)` row layout.
+//!
+//! A 2-D convolution is a `gather` of whole input rows into an im2col matrix followed by one
+//! matmul, with the zero padding and the bias folded in: the gathered source gets an extra
+//! zero row (padding taps point at it) and an extra ones row (a last "channel" whose weight
+//! column is the bias). When the conv has fewer output than input channels (e.g. 64 → 2 in a
+//! coupling's last layer), it is cheaper to matmul first and then gather-sum the k·k taps on
+//! the output side. Index tensors are computed once per input geometry and cached.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use dfdx::prelude::*;
+use rand_chacha::ChaCha8Rng;
+
+use super::{Dev, HasParams, Index, Param, Tp, T1, T2};
+
+/// Moves the tape from `taped` onto `other`.
+///
+/// dfdx records an op only if its left operand carries the tape, and merges tapes only left to
+/// right. Parameters are untaped, so a layer first runs the activation's own ops on the taped
+/// activation, then moves the tape onto the parameter side, runs the parameter's ops there
+/// (reshape, broadcast, concat) and combines `param OP activation`. Gradients are keyed by
+/// tensor id, so the activation's earlier ops still receive theirs.
+pub fn take_tape<S: Shape, S2: Shape, T: Tp>(other: Tensor<S, f32, Dev>, taped: Tensor<S2, f32, Dev, T>) -> (Tensor<S, f32, Dev, T>, Tensor<S2, f32, Dev>) {
+    let (plain, tape) = taped.split_tape();
+    (other.put_tape(tape), plain)
+}
+
+/// `w (O, I) × x (I, N)` where only `x` carries the tape.
+pub fn matmul_left<T: Tp>(w: T2, x: T2<T>) -> T2<T> {
+    let (w, x) = take_tape(w, x);
+    w.matmul(x)
+}
+
+/// Adds a per-channel vector to `x (C·S, B)` viewed as `C` blocks of `S` rows.
+pub fn add_per_channel<T: Tp>(x: T2<T>, v: T1, channels: usize) -> T2<T> {
+    let (rows, b) = *x.shape();
+    let per = rows / channels * b;
+    let x = x.reshape_like(&(channels, per));
+    let (v, x) = take_tape(v, x);
+    (v.broadcast_like::<_, Axis<1>>(&(channels, per)) + x).reshape_like(&(rows, b))
+}
+
+/// Multiplies `x (C·S, B)` by a per-channel vector.
+pub fn mul_per_channel<T: Tp>(x: T2<T>, v: T1, channels: usize) -> T2<T> {
+    let (rows, b) = *x.shape();
+    let per = rows / channels * b;
+    let x = x.reshape_like(&(channels, per));
+    let (v, x) = take_tape(v, x);
+    (v.broadcast_like::<_, Axis<1>>(&(channels, per)) * x).reshape_like(&(rows, b))
+}
+
+/// A fixed row permutation (squeeze, channel reverse/shuffle, logit read-out); exactly
+/// invertible by [`RowMap::inverse`] when it is a bijection.
+#[derive(Clone, Debug)]
+pub struct RowMap {
+    pub source: Vec<usize>,
+    index: Index,
+}
+
+impl RowMap {
+    pub fn new(dev: &Dev, source: Vec<usize>) -> RowMap {
+        let index = dev.tensor_from_vec(source.clone(), (source.len(),));
+        RowMap { source, index }
+    }
+
+    pub fn apply<T: Tp>(&self, x: T2<T>) -> T2<T> {
+        let b = x.shape().1;
+        x.gather_like(self.index.clone(), b)
+    }
+
+    /// The inverse permutation (panics if this map is not a bijection).
+    pub fn inverse(&self, dev: &Dev) -> RowMap {
+        let mut inv = vec![usize::MAX; self.source.len()];
+        for (out, &src) in self.source.iter().enumerate() {
+            inv[src] = out;
+        }
+        assert!(inv.iter().all(|&i| i != usize::MAX), "row map is not a permutation");
+        RowMap::new(dev, inv)
+    }
+}
+
+/// `gather` along rows with a runtime-shaped result.
+trait GatherRows<T> {
+    fn gather_like(self, index: Index, b: usize) -> T2<T>;
+}
+
+impl<T: Tp> GatherRows<T> for T2<T> {
+    fn gather_like(self, index: Index, _b: usize) -> T2<T> {
+        self.gather(index)
+    }
+}
+
+/// Precomputed gather indices for one input geometry.
+struct ConvPlan {
+    index: Index,
+    out_h: usize,
+    out_w: usize,
+}
+
+/// 2-D convolution `(C_in·H·W, B) → (C_out·H_o·W_o, B)`, weights in PyTorch's `(O, C, k, k)`.
+pub struct Conv2d {
+    pub weight: Param,
+    pub bias: Param,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+    plans: RefCell<HashMap<(usize, usize), ConvPlan>>,
+}
+
+impl Conv2d {
+    pub fn new(weight: Param, bias: Param, stride: usize, pad: usize) -> Conv2d {
+        let (c_out, c_in, kernel) = (weight.shape[0], weight.shape[1], weight.shape[2]);
+        assert_eq!(weight.shape, vec![c_out, c_in, kernel, kernel]);
+        assert_eq!(bias.shape, vec![c_out]);
+        Conv2d { weight, bias, c_in, c_out, kernel, stride, pad, plans: RefCell::new(HashMap::new()) }
+    }
+
+    /// PyTorch's default init.
+    #[allow(clippy::too_many_arguments)]
+    pub fn init(dev: &Dev, name: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: usize, rng: &mut ChaCha8Rng) -> Conv2d {
+        let fan_in = c_in * kernel * kernel;
+        let weight = Param::uniform(dev, format!("{name}.weight"), &[c_out, c_in, kernel, kernel], fan_in, rng);
+        let bias = Param::uniform(dev, format!("{name}.bias"), &[c_out], fan_in, rng);
+        Conv2d::new(weight, bias, stride, pad)
+    }
+
+    /// Weights and bias zero (a coupling's last layer starts as the identity map).
+    pub fn zeros(dev: &Dev, name: &str, c_in: usize, c_out: usize, kernel: usize, pad: usize) -> Conv2d {
+        let weight = Param::zeros(dev, format!("{name}.weight"), &[c_out, c_in, kernel, kernel]);
+        let bias = Param::zeros(dev, format!("{name}.bias"), &[c_out]);
+        Conv2d::new(weight, bias, 1, pad)
+    }
+
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        ((h + 2 * self.pad - self.kernel) / self.stride + 1, (w + 2 * self.pad - self.kernel) / self.stride + 1)
+    }
+
+    /// Whether to matmul first and sum taps on the output side (cheaper when O < C).
+    fn output_side(&self) -> bool {
+        self.kernel > 1 && self.c_out < self.c_in
+    }
+
+    /// For each output tap, the input row it reads (or `zero_row` when it falls in padding).
+    fn taps(&self, h: usize, w: usize, zero_row: usize) -> impl Fn(usize, usize, usize, usize) -> usize + '_ {
+        move |channel_base: usize, tap: usize, oy: usize, ox: usize| {
+            let (ky, kx) = (tap / self.kernel, tap % self.kernel);
+            let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+            let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                zero_row
+            } else {
+                channel_base + iy as usize * w + ix as usize
+            }
+        }
+    }
+
+    fn plan(&self, dev: &Dev, h: usize, w: usize) -> (Index, usize, usize) {
+        let mut plans = self.plans.borrow_mut();
+        let plan = plans.entry((h, w)).or_insert_with(|| {
+            let (oh, ow) = self.out_size(h, w);
+            let kk = self.kernel * self.kernel;
+            let mut source = Vec::new();
+            if self.output_side() {
+                // Rows of the matmul result are (o, tap, iy, ix); the sum runs over taps.
+                let zero_row = self.c_out * kk * h * w;
+                let tap_row = self.taps(h, w, usize::MAX);
+                for o in 0..self.c_out {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            for tap in 0..kk {
+                                let src = tap_row(0, tap, oy, ox);
+                                source.push(if src == usize::MAX { zero_row } else { (o * kk + tap) * h * w + src });
+                            }
+                        }
+                    }
+                }
+            } else {
+                // Rows of the im2col matrix are (c, tap, oy, ox), then a block of bias rows.
+                let zero_row = self.c_in * h * w;
+                let tap_row = self.taps(h, w, zero_row);
+                for c in 0..self.c_in {
+                    for tap in 0..kk {
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                source.push(tap_row(c * h * w, tap, oy, ox));
+                            }
+                        }
+                    }
+                }
+                source.extend(std::iter::repeat_n(zero_row + 1, oh * ow));
+            }
+            let n = source.len();
+            ConvPlan { index: dev.tensor_from_vec(source, (n,)), out_h: oh, out_w: ow }
+        });
+        (plan.index.clone(), plan.out_h, plan.out_w)
+    }
+
+    /// Convolves `x (C_in·h·w, B)`; returns the output and its spatial size.
+    pub fn forward<T: Tp>(&self, x: T2<T>, h: usize, w: usize) -> (T2<T>, usize, usize) {
+        let dev = x.device().clone();
+        let b = x.shape().1;
+        assert_eq!(x.shape().0, self.c_in * h * w, "conv input rows");
+        let kk = self.kernel * self.kernel;
+        if self.kernel == 1 && self.stride == 1 && self.pad == 0 {
+            // A 1×1 conv is a plain matmul on the (C, h·w·B) view.
+            let y = matmul_left(self.weight.value.clone(), x.reshape_like(&(self.c_in, h * w * b)));
+            let y = add_per_channel(y.reshape_like(&(self.c_out * h * w, b)), self.bias.as_vector(), self.c_out);
+            return (y, h, w);
+        }
+        let (index, oh, ow) = self.plan(&dev, h, w);
+        if self.output_side() {
+            // (O·kk, C) weight view: reorder columns (c, tap) to rows (o, tap).
+            let x = x.reshape_like(&(self.c_in, h * w * b));
+            let (weight, x) = take_tape(self.weight.value.clone(), x);
+            let wt = weight
+                .reshape_like(&(self.c_out, self.c_in, kk))
+                .permute::<_, Axes3<0, 2, 1>>()
+                .contiguous()
+                .reshape_like(&(self.c_out * kk, self.c_in));
+            let y = wt.matmul(x);
+            let y = y.reshape_like(&(self.c_out * kk * h * w, b));
+            let zero: T2 = dev.zeros_like(&(1, b));
+            let padded = (y, zero).concat_along(Axis::<0>);
+            let taps: T2<T> = padded.gather(index);
+            let summed = taps.reshape_like(&(self.c_out * oh * ow, kk, b)).sum::<(usize, usize), Axis<1>>();
+            let y = add_per_channel(summed, self.bias.as_vector(), self.c_out);
+            (y, oh, ow)
+        } else {
+            let zero: T2 = dev.zeros_like(&(1, b));
+            let ones: T2 = dev.ones_like(&(1, b));
+            let source = ((x, zero).concat_along(Axis::<0>), ones).concat_along(Axis::<0>);
+            let cols: T2<T> = source.gather(index);
+            let cols = cols.reshape_like(&(self.c_in * kk + 1, oh * ow * b));
+            let (weight, cols) = take_tape(self.weight.value.clone(), cols);
+            let full = (weight, self.bias.value.clone()).concat_along(Axis::<1>);
+            let y = full.matmul(cols);
+            (y.reshape_like(&(self.c_out * oh * ow, b)), oh, ow)
+        }
+    }
+}
+
+impl HasParams for Conv2d {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+        f(&self.bias);
+    }
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+        f(&mut self.bias);
+    }
+}
+
+/// Fully connected layer `(I, B) → (O, B)`, weight `(O, I)` as in PyTorch.
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Param,
+}
+
+impl Linear {
+    pub fn init(dev: &Dev, name: &str, inputs: usize, outputs: usize, rng: &mut ChaCha8Rng) -> Linear {
+        Linear {
+            weight: Param::uniform(dev, format!("{name}.weight"), &[outputs, inputs], inputs, rng),
+            bias: Param::uniform(dev, format!("{name}.bias"), &[outputs], inputs, rng),
+        }
+    }
+
+    pub fn forward<T: Tp>(&self, x: T2<T>) -> T2<T> {
+        let y = matmul_left(self.weight.value.clone(), x);
+        let rows = self.weight.shape[0];
+        add_per_channel(y, self.bias.as_vector(), rows)
+    }
+}
+
+impl HasParams for Linear {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+        f(&self.bias);
+    }
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+        f(&mut self.bias);
+    }
+}
+
+/// Inverted dropout with a mask from the caller's seeded generator (not the device's), so a
+/// resumed run draws the same masks. `None` = evaluation mode.
+pub fn dropout<T: Tp>(x: T2<T>, p: f32, rng: Option<&mut ChaCha8Rng>) -> T2<T> {
+    let Some(rng) = rng else { return x };
+    if p == 0.0 {
+        return x;
+    }
+    use rand::Rng;
+    let shape = *x.shape();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..shape.0 * shape.1).map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep }).collect();
+    let mask: T2 = x.device().tensor_from_vec(mask, shape);
+    x * mask
+}
+
+/// Mean cross-entropy of `logits (K, B)` (classes in rows) against labels.
+///
+/// dfdx 0.13's `log_softmax`/`logsumexp` backward is wrong on non-contiguous tensors (the
+/// forward looks right), so the logits are made contiguous first; a regression test in
+/// tests/nn.rs fails if this is removed.
+pub fn cross_entropy<T: Tp>(logits: T2<T>, labels: &[u8]) -> Tensor<(), f32, Dev, T> {
+    let (k, b) = *logits.shape();
+    assert_eq!(labels.len(), b);
+    let mut onehot = vec![0.0f32; k * b];
+    for (col, &y) in labels.iter().enumerate() {
+        onehot[y as usize * b + col] = -1.0 / b as f32;
+    }
+    let onehot: T2 = logits.device().tensor_from_vec(onehot, (k, b));
+    let logp = logits.contiguous().log_softmax::<Axis<0>>();
+    (logp * onehot).sum()
+}
+
+/// Argmax over rows of `(K, B)` scores, per column.
+pub fn argmax_rows(scores: &T2) -> Vec<u8> {
+    let (k, b) = *scores.shape();
+    let values = scores.as_vec();
+    (0..b)
+        .map(|col| {
+            let mut best = 0;
+            for row in 1..k {
+                if values[row * b + col] > values[best * b + col] {
+                    best = row;
+                }
+            }
+            best as u8
+        })
+        .collect()
+}
