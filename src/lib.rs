@@ -10,7 +10,7 @@
 //! The binary `repro` (src/main.rs) is the command line over both.
 
 pub mod data;
-pub mod nn;
 pub mod engine;
+pub mod nn;
 pub mod report;
 pub mod stages;

