@@ -534,3 +534,120 @@ fn parameter_counts_match_the_authors_model_and_the_pytorch_peer() {
     // bench/pytorch_train_step.py builds the same model in PyTorch: 118 992 parameters.
     assert_eq!(cpu.param_count(), 118_992);
 }
+
+// ---- training ----
+
+use repro::nn::cnn::{CnnConfig, SmallCnn};
+use repro::nn::objective::{cnn_step, revnet_ce_step};
+use repro::nn::optim::{Optimizer, OptimizerKind};
+
+fn weights_digest(model: &impl HasParams) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for p in model.params() {
+        for v in p.value.as_vec() {
+            hasher.update(v.to_le_bytes());
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// A few Adamax steps of a tiny fi-RevNet (CE + NLL) on real digits; returns the losses and
+/// the weights' digest.
+fn train_tiny_revnet(steps: usize) -> (Vec<f32>, String) {
+    let dev = device();
+    let mut rng = repro::nn::rng_for(0, "init");
+    let mut dropout = repro::nn::rng_for(0, "dropout");
+    let x = real_digits(1);
+    let labels: Vec<u8> = vec![7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5];
+    let mut model = FiRevNet::new(
+        &dev,
+        config(1, 32, 3, 1, 8, CouplingKind::Additive, Permutation::Reverse),
+        &mut rng,
+    );
+    model.init(x.clone());
+    let mut optim = Optimizer::new(OptimizerKind::Adamax, &dev, &model);
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        let (grads, stats) = revnet_ce_step(&model, x.clone(), &labels, 1.0, Some(&mut dropout));
+        optim.update(&mut model, &grads, 1e-2);
+        losses.push(stats.loss);
+    }
+    (losses, weights_digest(&model))
+}
+
+#[test]
+fn a_tiny_revnet_and_a_tiny_cnn_learn() {
+    let (losses, _) = train_tiny_revnet(8);
+    assert!(
+        losses[7] < losses[0] - 0.5,
+        "fi-RevNet loss did not fall: {losses:?}"
+    );
+
+    let dev = device();
+    let mut rng = repro::nn::rng_for(0, "init");
+    let model_config = CnnConfig {
+        width: 4,
+        side: 28,
+        classes: 10,
+    };
+    let mut model = SmallCnn::new(&dev, model_config, &mut rng);
+    let x: T2 = dev.tensor_from_vec(
+        random(&mut rng, 784 * 8).iter().map(|v| v.abs()).collect(),
+        (784, 8),
+    );
+    let labels = [0u8, 1, 2, 3, 4, 5, 6, 7];
+    let mut optim = Optimizer::new(OptimizerKind::Adam, &dev, &model);
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let (grads, stats) = cnn_step(&model, x.clone(), &labels);
+        optim.update(&mut model, &grads, 1e-2);
+        losses.push(stats.loss);
+    }
+    assert!(
+        losses[19] < losses[0] - 0.1 && losses.windows(2).all(|w| w[1] < w[0]),
+        "CNN loss did not fall: {losses:?}"
+    );
+}
+
+/// Entry point when re-run as a child process: prints the weights' digest after training.
+#[test]
+fn child_train_tiny_revnet() {
+    if std::env::var("NN_CHILD").is_err() {
+        return;
+    }
+    let (_, digest) = train_tiny_revnet(3);
+    println!("DIGEST {digest}");
+}
+
+fn digest_in_child(threads: &str) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_train_tiny_revnet",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("NN_CHILD", "1")
+        .env("RAYON_NUM_THREADS", threads)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| {
+            l.split_once("DIGEST ")
+                .map(|(_, d)| d.split_whitespace().next().unwrap_or_default())
+        })
+        .unwrap_or_else(|| panic!("child printed no digest: {stdout}"))
+        .to_string()
+}
+
+#[test]
+fn training_is_bitwise_identical_across_runs_and_thread_counts() {
+    let one = digest_in_child("1");
+    let two = digest_in_child("2");
+    let again = digest_in_child("2");
+    assert_eq!(two, again, "two runs with 2 threads");
+    assert_eq!(one, two, "1 vs 2 threads");
+}

@@ -19,8 +19,13 @@
 //! All randomness (init, dropout masks, shuffling) comes from seeded ChaCha generators owned by
 //! the caller, never from the device, so a run can resume mid-way and give the same bytes.
 
+pub mod cnn;
 pub mod flow;
+pub mod input;
+pub mod io;
+pub mod objective;
 pub mod ops;
+pub mod optim;
 
 use dfdx::prelude::*;
 use rand::Rng;

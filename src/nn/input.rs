@@ -1,0 +1,77 @@
+//! From canonical u8 images to model inputs in the row layout.
+//!
+//! fi-RevNet (paper-notes § 2): 28×28 padded by 2 to 32×32, placed in the last of
+//! `channels` channels, uniform dequantisation noise U(0, 1/256) in training, then x ← 2x − 1.
+//! CNN: x = k/256 on the plain 28×28 grid.
+
+use dfdx::prelude::*;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{Dev, T2};
+
+pub const SIDE: usize = 28;
+pub const PADDED: usize = 32;
+
+/// `(channels·32·32, B)` for the examples `batch` of `images (N·28·28)`. With `noise`, every
+/// entry (padding included) gets its own U(0, 1/256) draw before scaling to [−1, 1].
+pub fn revnet_input(
+    dev: &Dev,
+    images: &[u8],
+    batch: &[usize],
+    channels: usize,
+    mut noise: Option<&mut ChaCha8Rng>,
+) -> T2 {
+    let b = batch.len();
+    let rows = channels * PADDED * PADDED;
+    let mut x = vec![0.0f32; rows * b];
+    for (col, &n) in batch.iter().enumerate() {
+        let image = &images[n * SIDE * SIDE..(n + 1) * SIDE * SIDE];
+        for y in 0..SIDE {
+            for c in 0..SIDE {
+                let row = (channels - 1) * PADDED * PADDED + (y + 2) * PADDED + c + 2;
+                x[row * b + col] = image[y * SIDE + c] as f32 / 256.0;
+            }
+        }
+    }
+    for v in x.iter_mut() {
+        let u = *v
+            + noise
+                .as_deref_mut()
+                .map_or(0.0, |rng| rng.gen::<f32>() / 256.0);
+        *v = 2.0 * u - 1.0;
+    }
+    dev.tensor_from_vec(x, (rows, b))
+}
+
+/// `(28·28, B)` with values k/256.
+pub fn cnn_input(dev: &Dev, images: &[u8], batch: &[usize]) -> T2 {
+    let b = batch.len();
+    let mut x = vec![0.0f32; SIDE * SIDE * b];
+    for (col, &n) in batch.iter().enumerate() {
+        for (row, &v) in images[n * SIDE * SIDE..(n + 1) * SIDE * SIDE]
+            .iter()
+            .enumerate()
+        {
+            x[row * b + col] = v as f32 / 256.0;
+        }
+    }
+    dev.tensor_from_vec(x, (SIDE * SIDE, b))
+}
+
+/// Turns `(D, B)` values in [−1, 1] back into 28×28 u8 images (for figures).
+pub fn revnet_to_images(x: &T2, channels: usize) -> Vec<u8> {
+    let (_, b) = *x.shape();
+    let values = x.as_vec();
+    let mut out = vec![0u8; b * SIDE * SIDE];
+    for col in 0..b {
+        for y in 0..SIDE {
+            for c in 0..SIDE {
+                let row = (channels - 1) * PADDED * PADDED + (y + 2) * PADDED + c + 2;
+                let u = (values[row * b + col] + 1.0) / 2.0 * 256.0;
+                out[col * SIDE * SIDE + y * SIDE + c] = u.floor().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    out
+}
