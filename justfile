@@ -19,6 +19,7 @@ test:
 # Benchmarks with their peers measured in the same run (results in artifacts/bench/)
 bench:
     cargo bench --bench noop_reproduce
+    cargo bench --bench train_step
 
 # Show each stage as fresh, stale or missing, and why
 status profile="cpu":
