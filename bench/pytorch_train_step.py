@@ -239,7 +239,8 @@ class CNNSmall(nn.Module):
         self.down1 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=True)
         self.res2 = ResBlock(32)
         self.down2 = nn.Conv2d(32, 32, 3, stride=2, padding=1, bias=True)
-        self.fc = nn.Linear(32, num_classes)
+        self.hidden = nn.Linear(32 * 7 * 7, 128)
+        self.fc = nn.Linear(128, num_classes)
 
     def forward(self, x):
         x = F.relu(self.conv0(x))          # 16x28x28
@@ -247,7 +248,7 @@ class CNNSmall(nn.Module):
         x = F.relu(self.down1(x))          # 32x14x14
         x = self.res2(x)
         x = F.relu(self.down2(x))          # 32x7x7
-        x = x.mean(dim=(2, 3))             # global average pool
+        x = F.relu(self.hidden(x.flatten(1)))  # flatten (channel-major) -> 128
         return self.fc(x)
 
 

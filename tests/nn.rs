@@ -605,7 +605,7 @@ fn a_tiny_revnet_and_a_tiny_cnn_learn() {
         losses.push(stats.loss);
     }
     assert!(
-        losses[19] < losses[0] - 0.1 && losses.windows(2).all(|w| w[1] < w[0]),
+        losses[19] < losses[0] - 0.5,
         "CNN loss did not fall: {losses:?}"
     );
 }
@@ -650,4 +650,11 @@ fn training_is_bitwise_identical_across_runs_and_thread_counts() {
     let again = digest_in_child("2");
     assert_eq!(two, again, "two runs with 2 threads");
     assert_eq!(one, two, "1 vs 2 threads");
+}
+
+#[test]
+fn the_cnn_has_the_pytorch_peers_parameter_count() {
+    let model = SmallCnn::new(&device(), CnnConfig { width: 16, side: 28, classes: 10 }, &mut repro::nn::rng_for(0, "init"));
+    // bench/pytorch_train_step.py, cnn_small: 239 306 parameters.
+    assert_eq!(model.param_count(), 239_306);
 }

@@ -4,11 +4,13 @@
 //!
 //! ```text
 //! x (1·28·28) → conv3×3 1→w → ReLU → ResBlock(w) → conv3×3 w→2w stride 2 → ReLU (14×14)
-//!   → ResBlock(2w) → conv3×3 2w→2w stride 2 → ReLU (7×7) → global average pool → linear 2w→10
+//!   → ResBlock(2w) → conv3×3 2w→2w stride 2 → ReLU (7×7) → flatten → linear 2w·49→128 → ReLU
+//!   → linear 128→10
 //! ResBlock(c): ReLU(x + conv3×3(ReLU(conv3×3(x))))
 //! ```
-//! With width w = 16 this is 37 514 parameters, the same model as `cnn_small` in
-//! bench/pytorch_train_step.py.
+//! With width w = 16 this is 239 306 parameters, the same model as `cnn_small` in
+//! bench/pytorch_train_step.py. (A global-average-pool head learned far slower: 8.8 % test
+//! error after one epoch in PyTorch against 1.8 % for this head.)
 
 use dfdx::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -46,6 +48,7 @@ pub struct SmallCnn {
     down1: Conv2d,
     block2: ResBlock,
     down2: Conv2d,
+    hidden: Linear,
     head: Linear,
 }
 
@@ -67,7 +70,8 @@ impl SmallCnn {
                 conv2: conv("block2.conv2", 2 * w, 2 * w, 1, rng),
             },
             down2: conv("down2", 2 * w, 2 * w, 2, rng),
-            head: Linear::init(dev, "head", 2 * w, config.classes, rng),
+            hidden: Linear::init(dev, "hidden", 2 * w * 49, 128, rng),
+            head: Linear::init(dev, "head", 128, config.classes, rng),
             config,
         }
     }
@@ -80,13 +84,9 @@ impl SmallCnn {
         let (h, s, _) = self.down1.forward(h, s, s);
         let h = self.block2.forward(h.relu(), s);
         let (h, s, _) = self.down2.forward(h, s, s);
-        let h = h.relu();
-        let (rows, b) = *h.shape();
-        let channels = rows / (s * s);
-        let pooled = h
-            .reshape_like(&(channels, s * s, b))
-            .mean::<(usize, usize), Axis<1>>();
-        self.head.forward(pooled)
+        assert_eq!(s, 7, "the head expects a 7×7 map (28×28 input)");
+        // The row layout is already flat: (2w·7·7, B), channel-major like PyTorch's flatten.
+        self.head.forward(self.hidden.forward(h.relu()).relu())
     }
 }
 
@@ -103,6 +103,7 @@ impl HasParams for SmallCnn {
         ] {
             conv.visit(f);
         }
+        self.hidden.visit(f);
         self.head.visit(f);
     }
     fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
@@ -117,6 +118,7 @@ impl HasParams for SmallCnn {
         ] {
             conv.visit_mut(f);
         }
+        self.hidden.visit_mut(f);
         self.head.visit_mut(f);
     }
 }

@@ -499,8 +499,8 @@ impl FiRevNet {
         let dims = config.in_channels * config.size * config.size;
         let nuisance_source: Vec<usize> = (0..dims).filter(|r| !logit_source.contains(r)).collect();
         FiRevNet {
-            logit_rows: RowMap::new(dev, logit_source),
-            nuisance_rows: RowMap::new(dev, nuisance_source),
+            logit_rows: RowMap::selecting(dev, logit_source, dims),
+            nuisance_rows: RowMap::selecting(dev, nuisance_source, dims),
             config,
             levels,
         }

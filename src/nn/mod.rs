@@ -21,11 +21,14 @@
 
 pub mod cnn;
 pub mod flow;
+pub mod gather;
 pub mod input;
 pub mod io;
+pub mod model;
 pub mod objective;
 pub mod ops;
 pub mod optim;
+pub mod train;
 
 use dfdx::prelude::*;
 use rand::Rng;

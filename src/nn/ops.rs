@@ -1,9 +1,9 @@
 //! Layers built from dfdx's public ops in the `(C·H·W, B)` row layout.
 //!
-//! A 2-D convolution is a `gather` of whole input rows into an im2col matrix followed by one
-//! matmul, with the zero padding and the bias folded in: the gathered source gets an extra
-//! zero row (padding taps point at it) and an extra ones row (a last "channel" whose weight
-//! column is the bias). When the conv has fewer output than input channels (e.g. 64 → 2 in a
+//! A 2-D convolution is a row gather ([`super::gather`]) of whole input rows into an im2col
+//! matrix followed by one matmul, with the zero padding and the bias folded in: padding taps
+//! read a constant zero row, and a block of constant ones rows is a last "channel" whose
+//! weight column is the bias. When the conv has fewer output than input channels (e.g. 64 → 2 in a
 //! coupling's last layer), it is cheaper to matmul first and then gather-sum the k·k taps on
 //! the output side. Index tensors are computed once per input geometry and cached.
 
@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use dfdx::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Dev, HasParams, Index, Param, Tp, T1, T2};
+use super::gather::{RowGather, ONE_ROW, ZERO_ROW};
+use super::{Dev, HasParams, Param, Tp, T1, T2};
 
 /// A parameter entering a taped computation. dfdx records an op only on the tape of its left
 /// operand and merges tapes left to right, so parameters join the graph on an empty tape of
@@ -51,23 +52,28 @@ where
     (v.broadcast_like::<_, Axis<1>>(&(channels, per)) * x).reshape_like(&(rows, b))
 }
 
-/// A fixed row permutation (squeeze, channel reverse/shuffle, logit read-out); exactly
-/// invertible by [`RowMap::inverse`] when it is a bijection.
+/// A fixed row map (squeeze, channel reverse/shuffle, logit read-out); exactly invertible by
+/// [`RowMap::inverse`] when it is a permutation.
 #[derive(Clone, Debug)]
 pub struct RowMap {
     pub source: Vec<usize>,
-    index: Index,
+    gather: RowGather,
 }
 
 impl RowMap {
+    /// A permutation: `source[i]` is the input row output row `i` reads.
     pub fn new(dev: &Dev, source: Vec<usize>) -> RowMap {
-        let index = dev.tensor_from_vec(source.clone(), (source.len(),));
-        RowMap { source, index }
+        let rows = source.len();
+        RowMap::selecting(dev, source, rows)
+    }
+
+    /// A selection of rows out of `rows` input rows.
+    pub fn selecting(dev: &Dev, source: Vec<usize>, rows: usize) -> RowMap {
+        RowMap { gather: RowGather::new(dev, source.clone(), rows), source }
     }
 
     pub fn apply<T: Tp>(&self, x: T2<T>) -> T2<T> {
-        let b = x.shape().1;
-        x.gather_like(self.index.clone(), b)
+        self.gather.apply(x)
     }
 
     /// The inverse permutation (panics if this map is not a bijection).
@@ -76,28 +82,14 @@ impl RowMap {
         for (out, &src) in self.source.iter().enumerate() {
             inv[src] = out;
         }
-        assert!(
-            inv.iter().all(|&i| i != usize::MAX),
-            "row map is not a permutation"
-        );
+        assert!(inv.iter().all(|&i| i != usize::MAX), "row map is not a permutation");
         RowMap::new(dev, inv)
     }
 }
 
-/// `gather` along rows with a runtime-shaped result.
-trait GatherRows<T> {
-    fn gather_like(self, index: Index, b: usize) -> T2<T>;
-}
-
-impl<T: Tp> GatherRows<T> for T2<T> {
-    fn gather_like(self, index: Index, _b: usize) -> T2<T> {
-        self.gather(index)
-    }
-}
-
-/// Precomputed gather indices for one input geometry.
+/// Precomputed gather for one input geometry.
 struct ConvPlan {
-    index: Index,
+    gather: RowGather,
     out_h: usize,
     out_w: usize,
 }
@@ -204,7 +196,7 @@ impl Conv2d {
         }
     }
 
-    fn plan(&self, dev: &Dev, h: usize, w: usize) -> (Index, usize, usize) {
+    fn plan(&self, dev: &Dev, h: usize, w: usize) -> (RowGather, usize, usize) {
         let mut plans = self.plans.borrow_mut();
         let plan = plans.entry((h, w)).or_insert_with(|| {
             let (oh, ow) = self.out_size(h, w);
@@ -212,15 +204,14 @@ impl Conv2d {
             let mut source = Vec::new();
             if self.output_side() {
                 // Rows of the matmul result are (o, tap, iy, ix); the sum runs over taps.
-                let zero_row = self.c_out * kk * h * w;
-                let tap_row = self.taps(h, w, usize::MAX);
+                let tap_row = self.taps(h, w, ZERO_ROW);
                 for o in 0..self.c_out {
                     for oy in 0..oh {
                         for ox in 0..ow {
                             for tap in 0..kk {
                                 let src = tap_row(0, tap, oy, ox);
-                                source.push(if src == usize::MAX {
-                                    zero_row
+                                source.push(if src == ZERO_ROW {
+                                    ZERO_ROW
                                 } else {
                                     (o * kk + tap) * h * w + src
                                 });
@@ -230,8 +221,7 @@ impl Conv2d {
                 }
             } else {
                 // Rows of the im2col matrix are (c, tap, oy, ox), then a block of bias rows.
-                let zero_row = self.c_in * h * w;
-                let tap_row = self.taps(h, w, zero_row);
+                let tap_row = self.taps(h, w, ZERO_ROW);
                 for c in 0..self.c_in {
                     for tap in 0..kk {
                         for oy in 0..oh {
@@ -241,16 +231,12 @@ impl Conv2d {
                         }
                     }
                 }
-                source.extend(std::iter::repeat_n(zero_row + 1, oh * ow));
+                source.extend(std::iter::repeat_n(ONE_ROW, oh * ow));
             }
-            let n = source.len();
-            ConvPlan {
-                index: dev.tensor_from_vec(source, (n,)),
-                out_h: oh,
-                out_w: ow,
-            }
+            let rows = if self.output_side() { self.c_out * kk * h * w } else { self.c_in * h * w };
+            ConvPlan { gather: RowGather::new(dev, source, rows), out_h: oh, out_w: ow }
         });
-        (plan.index.clone(), plan.out_h, plan.out_w)
+        (plan.gather.clone(), plan.out_h, plan.out_w)
     }
 
     /// Convolves `x (C_in·h·w, B)`; returns the output and its spatial size.
@@ -269,7 +255,7 @@ impl Conv2d {
             );
             return (y, h, w);
         }
-        let (index, oh, ow) = self.plan(&dev, h, w);
+        let (gather, oh, ow) = self.plan(&dev, h, w);
         if self.output_side() {
             // (O·kk, C) weight view: reorder columns (c, tap) to rows (o, tap).
             let x = x.reshape_like(&(self.c_in, h * w * b));
@@ -279,21 +265,14 @@ impl Conv2d {
                 .contiguous()
                 .reshape_like(&(self.c_out * kk, self.c_in));
             let y = wt.matmul(x);
-            let y = y.reshape_like(&(self.c_out * kk * h * w, b));
-            let zero: T2 = dev.zeros_like(&(1, b));
-            let padded = (y, zero).concat_along(Axis::<0>);
-            let taps: T2<T> = padded.gather(index);
+            let taps = gather.apply(y.reshape_like(&(self.c_out * kk * h * w, b)));
             let summed = taps
                 .reshape_like(&(self.c_out * oh * ow, kk, b))
                 .sum::<(usize, usize), Axis<1>>();
             let y = add_per_channel(summed, taped::<_, T>(&self.bias.as_vector()), self.c_out);
             (y, oh, ow)
         } else {
-            let zero: T2 = dev.zeros_like(&(1, b));
-            let ones: T2 = dev.ones_like(&(1, b));
-            let source = ((x, zero).concat_along(Axis::<0>), ones).concat_along(Axis::<0>);
-            let cols: T2<T> = source.gather(index);
-            let cols = cols.reshape_like(&(self.c_in * kk + 1, oh * ow * b));
+            let cols = gather.apply(x).reshape_like(&(self.c_in * kk + 1, oh * ow * b));
             let full = (
                 taped::<_, T>(&self.weight.value),
                 taped::<_, T>(&self.bias.value),

@@ -3,6 +3,8 @@
 //! the stages that need them arrive. Nothing here knows the engine: the report stage turns
 //! manifests into [`Provenance`] rows and calls [`render`].
 
+pub mod figures;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 

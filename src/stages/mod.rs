@@ -5,9 +5,12 @@
 //! Adding a stage kind = a file here, a line in [`registry`], and a `[[stage]]` in
 //! `pipeline/pipeline.toml`. Nothing in `crate::engine` changes.
 
+pub mod ensemble;
+pub mod evaluate;
 pub mod fashion_mnist;
 pub mod mnist;
 pub mod report;
+pub mod train;
 
 use crate::engine::Registry;
 
@@ -29,5 +32,8 @@ pub fn registry() -> Registry {
     Registry::new()
         .with(mnist::Mnist)
         .with(fashion_mnist::FashionMnist)
+        .with(train::Train)
+        .with(evaluate::Evaluate)
+        .with(ensemble::Ensemble)
         .with(report::Report)
 }

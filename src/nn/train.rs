@@ -1,0 +1,195 @@
+//! The training loop shared by the `train` and `oracle` stages: seeded shuffling per epoch,
+//! mini-batch steps, a step learning-rate schedule, per-epoch evaluation, and a checkpoint
+//! (weights + optimiser state + metrics) that restores the loop exactly, so that a resumed
+//! run produces the same bytes as an uninterrupted one. Every random draw of epoch `e` comes
+//! from generators seeded by (seed, e), never from state carried across epochs.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+pub use crate::data::Arrays;
+
+use super::input::{cnn_input, revnet_input};
+use super::model::Model;
+use super::objective::{cnn_step, revnet_ce_step, StepStats};
+use super::optim::{Optimizer, OptimizerKind};
+use super::{io, rng_for, Dev, HasParams};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f32,
+    /// Epochs at which the learning rate is multiplied by `lr_gamma` (authors: 60, 120, 160).
+    pub lr_milestones: Vec<usize>,
+    pub lr_gamma: f32,
+    pub seed: u64,
+    /// Weight of the flow's NLL (bits/dim) next to the CE (fi-RevNet only).
+    pub nll_weight: f32,
+    /// Uniform dequantisation noise on fi-RevNet inputs.
+    pub dequantize: bool,
+    /// Examples used (0 = all), for small profiles.
+    pub train_limit: usize,
+    pub test_limit: usize,
+}
+
+/// What one epoch measured.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub lr: f32,
+    pub loss: f64,
+    pub ce: f64,
+    pub nll_bits_per_dim: f64,
+    /// Error on the training batches as they were trained (dropout on), in %.
+    pub train_error: f64,
+    /// Error on the test set in evaluation mode, in %.
+    pub test_error: f64,
+}
+
+pub struct Trainer {
+    pub model: Model,
+    pub optimizer: Optimizer,
+    pub settings: TrainSettings,
+    pub history: Vec<EpochMetrics>,
+}
+
+fn limit(n: usize, limit: usize) -> usize {
+    if limit == 0 {
+        n
+    } else {
+        n.min(limit)
+    }
+}
+
+/// Prepared input for examples `batch` of `images`.
+pub fn input_for(dev: &Dev, model: &Model, images: &[u8], batch: &[usize], noise: Option<&mut rand_chacha::ChaCha8Rng>) -> super::T2 {
+    match model {
+        Model::RevNet(m) => revnet_input(dev, images, batch, m.config.in_channels, noise),
+        Model::Cnn(_) => cnn_input(dev, images, batch),
+    }
+}
+
+/// Test error (%) of `model` on the first `n` examples, in batches.
+pub fn error_rate(dev: &Dev, model: &Model, images: &[u8], labels: &[u8], n: usize, batch_size: usize) -> f64 {
+    let mut wrong = 0;
+    for start in (0..n).step_by(batch_size) {
+        let batch: Vec<usize> = (start..(start + batch_size).min(n)).collect();
+        let predictions = model.predict(input_for(dev, model, images, &batch, None));
+        wrong += batch.iter().zip(&predictions).filter(|(&i, &p)| labels[i] != p).count();
+    }
+    100.0 * wrong as f64 / n.max(1) as f64
+}
+
+impl Trainer {
+    /// A fresh model; fi-RevNets get their data-dependent ActNorm init from 512 shuffled
+    /// training images (the authors' choice).
+    pub fn new(dev: &Dev, mut model: Model, settings: TrainSettings, data: &Arrays) -> Trainer {
+        if let Model::RevNet(m) = &mut model {
+            let n = limit(data.train_labels.len(), settings.train_limit);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut rng_for(settings.seed, "actnorm-init"));
+            order.truncate(512);
+            let mut noise = rng_for(settings.seed, "actnorm-init-noise");
+            let x = revnet_input(dev, &data.train_images, &order, m.config.in_channels, settings.dequantize.then_some(&mut noise));
+            m.init(x);
+        }
+        let kind = settings.optimizer;
+        let optimizer = Optimizer::new(kind, dev, &model);
+        Trainer { model, optimizer, settings, history: Vec::new() }
+    }
+
+    fn lr(&self, epoch: usize) -> f32 {
+        let decays = self.settings.lr_milestones.iter().filter(|&&m| epoch >= m).count();
+        self.settings.lr * self.settings.lr_gamma.powi(decays as i32)
+    }
+
+    /// Runs epoch `history.len()` and records its metrics. `progress` gets the steps done.
+    pub fn run_epoch(&mut self, dev: &Dev, data: &Arrays, progress: &dyn Fn(u64)) -> EpochMetrics {
+        let epoch = self.history.len();
+        let s = &self.settings;
+        let n = limit(data.train_labels.len(), s.train_limit);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng_for(s.seed, &format!("shuffle/{epoch}")));
+        let mut noise = rng_for(s.seed, &format!("dequantize/{epoch}"));
+        let mut dropout = rng_for(s.seed, &format!("dropout/{epoch}"));
+        let lr = self.lr(epoch);
+        let (mut sum, mut seen) = (StepStats::default(), 0usize);
+        let (mut loss, mut ce, mut nll) = (0.0f64, 0.0f64, 0.0f64);
+        for (step, batch) in order.chunks(s.batch_size).enumerate() {
+            let labels: Vec<u8> = batch.iter().map(|&i| data.train_labels[i]).collect();
+            let x = input_for(dev, &self.model, &data.train_images, batch, s.dequantize.then_some(&mut noise));
+            let (grads, stats) = match &self.model {
+                Model::RevNet(m) => revnet_ce_step(m, x, &labels, s.nll_weight, Some(&mut dropout)),
+                Model::Cnn(m) => cnn_step(m, x, &labels),
+            };
+            self.optimizer.update(&mut self.model, &grads, lr);
+            let w = batch.len() as f64;
+            loss += stats.loss as f64 * w;
+            ce += stats.ce as f64 * w;
+            nll += stats.nll_bits_per_dim as f64 * w;
+            sum.errors += stats.errors;
+            seen += batch.len();
+            progress(step as u64 + 1);
+        }
+        let test_n = limit(data.test_labels.len(), s.test_limit);
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            loss: loss / seen as f64,
+            ce: ce / seen as f64,
+            nll_bits_per_dim: nll / seen as f64,
+            train_error: 100.0 * sum.errors as f64 / seen as f64,
+            test_error: error_rate(dev, &self.model, &data.test_images, &data.test_labels, test_n, 500),
+        };
+        self.history.push(metrics.clone());
+        metrics
+    }
+
+    pub fn steps_per_epoch(&self, data: &Arrays) -> u64 {
+        limit(data.train_labels.len(), self.settings.train_limit).div_ceil(self.settings.batch_size) as u64
+    }
+
+    /// Weights, optimiser state and history in one safetensors file.
+    pub fn checkpoint(&self) -> Result<Vec<u8>> {
+        let mut params = self.model.params();
+        params.extend(self.optimizer.params());
+        let mut meta = HashMap::new();
+        meta.insert("config".into(), serde_json::to_string(&self.model.config())?);
+        meta.insert("history".into(), serde_json::to_string(&self.history)?);
+        meta.insert("optimizer_step".into(), self.optimizer.step.to_string());
+        io::save(&params, meta)
+    }
+
+    /// Restores a checkpoint written by [`Trainer::checkpoint`] for the same configuration.
+    pub fn restore(&mut self, dev: &Dev, bytes: &[u8]) -> Result<()> {
+        let meta = io::metadata(bytes)?;
+        let config: super::model::ModelConfig = serde_json::from_str(meta.get("config").context("checkpoint without config")?)?;
+        if config != self.model.config() {
+            bail!("checkpoint is for another model configuration");
+        }
+        struct Both<'a>(&'a mut Model, &'a mut Optimizer);
+        impl HasParams for Both<'_> {
+            fn visit<'b>(&'b self, f: &mut dyn FnMut(&'b super::Param)) {
+                self.0.visit(f);
+                self.1.visit(f);
+            }
+            fn visit_mut(&mut self, f: &mut dyn FnMut(&mut super::Param)) {
+                self.0.visit_mut(f);
+                self.1.visit_mut(f);
+            }
+        }
+        io::load_into(dev, &mut Both(&mut self.model, &mut self.optimizer), bytes)?;
+        self.history = serde_json::from_str(meta.get("history").context("checkpoint without history")?)?;
+        self.optimizer.step = meta.get("optimizer_step").context("checkpoint without optimizer_step")?.parse()?;
+        Ok(())
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        self.optimizer.kind
+    }
+}
