@@ -69,6 +69,7 @@ fn main() {
         let mut hasher = Sha256::new();
         hash_file(&mut hasher, &format!("src/stages/{kind}.rs"), &source);
         for module in declared_modules(&String::from_utf8_lossy(&source)) {
+            // `nn` = src/nn/ (or src/nn.rs); `report/figures` = src/report/figures.rs alone.
             let mut files = Vec::new();
             files_under(&root.join("src").join(&module), &mut files);
             files_under(&root.join("src").join(format!("{module}.rs")), &mut files);

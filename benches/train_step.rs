@@ -60,17 +60,34 @@ fn ours(workload: &str) -> f64 {
                 permutation_seed: 0,
             };
             let mut model = FiRevNet::new(&dev, config, &mut rng);
-            let x: T2 = dev.tensor_from_vec((0..1024 * BATCH).map(|_| rng.gen_range(-1.0..1.0)).collect(), (1024, BATCH));
+            let x: T2 = dev.tensor_from_vec(
+                (0..1024 * BATCH)
+                    .map(|_| rng.gen_range(-1.0..1.0))
+                    .collect(),
+                (1024, BATCH),
+            );
             let mut optim = Optimizer::new(OptimizerKind::Adamax, &dev, &model);
             let mut dropout = rng_for(0, "dropout");
             median_ms(|| {
-                let (grads, _) = revnet_ce_step(&model, x.clone(), &labels, 1.0, Some(&mut dropout));
+                let (grads, _) =
+                    revnet_ce_step(&model, x.clone(), &labels, 1.0, Some(&mut dropout));
                 optim.update(&mut model, &grads, 1e-3);
             })
         }
         "cnn_small" => {
-            let mut model = SmallCnn::new(&dev, CnnConfig { width: 16, side: 28, classes: 10 }, &mut rng);
-            let x: T2 = dev.tensor_from_vec((0..784 * BATCH).map(|_| rng.gen_range(-1.0..1.0)).collect(), (784, BATCH));
+            let mut model = SmallCnn::new(
+                &dev,
+                CnnConfig {
+                    width: 16,
+                    side: 28,
+                    classes: 10,
+                },
+                &mut rng,
+            );
+            let x: T2 = dev.tensor_from_vec(
+                (0..784 * BATCH).map(|_| rng.gen_range(-1.0..1.0)).collect(),
+                (784, BATCH),
+            );
             let mut optim = Optimizer::new(OptimizerKind::Adam, &dev, &model);
             median_ms(|| {
                 let (grads, _) = cnn_step(&model, x.clone(), &labels);
@@ -83,18 +100,39 @@ fn ours(workload: &str) -> f64 {
 
 fn pytorch(threads: usize) -> Option<Value> {
     let repo = env!("CARGO_MANIFEST_DIR");
-    let env = Command::new("bash").arg(format!("{repo}/bench/pytorch_env.sh")).output().ok()?;
+    let env = Command::new("bash")
+        .arg(format!("{repo}/bench/pytorch_env.sh"))
+        .output()
+        .ok()?;
     if !env.status.success() {
-        eprintln!("PyTorch side skipped: {}", String::from_utf8_lossy(&env.stderr).trim());
+        eprintln!(
+            "PyTorch side skipped: {}",
+            String::from_utf8_lossy(&env.stderr).trim()
+        );
         return None;
     }
-    let python = String::from_utf8_lossy(&env.stdout).lines().last()?.trim().to_string();
+    let python = String::from_utf8_lossy(&env.stdout)
+        .lines()
+        .last()?
+        .trim()
+        .to_string();
     let out = Command::new(python)
-        .args([format!("{repo}/bench/pytorch_train_step.py"), "--threads".into(), threads.to_string(), "--warmup".into(), WARMUP.to_string(), "--iters".into(), ITERS.to_string()])
+        .args([
+            format!("{repo}/bench/pytorch_train_step.py"),
+            "--threads".into(),
+            threads.to_string(),
+            "--warmup".into(),
+            WARMUP.to_string(),
+            "--iters".into(),
+            ITERS.to_string(),
+        ])
         .output()
         .ok()?;
     if !out.status.success() {
-        eprintln!("PyTorch side failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        eprintln!(
+            "PyTorch side failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
@@ -110,9 +148,24 @@ fn main() {
     for threads in [1usize, 2] {
         let peer = pytorch(threads);
         for workload in WORKLOADS {
-            let out = Command::new(&exe).env("TRAIN_STEP_CHILD", workload).env("RAYON_NUM_THREADS", threads.to_string()).output().expect("child bench");
-            let ours_ms: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("child failed: {}", String::from_utf8_lossy(&out.stderr)));
-            let pytorch_ms = peer.as_ref().and_then(|p| p["results"].as_array()?.iter().find(|r| r["workload"] == workload)?["ms_median"].as_f64());
+            let out = Command::new(&exe)
+                .env("TRAIN_STEP_CHILD", workload)
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()
+                .expect("child bench");
+            let ours_ms: f64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| {
+                    panic!("child failed: {}", String::from_utf8_lossy(&out.stderr))
+                });
+            let pytorch_ms = peer.as_ref().and_then(|p| {
+                p["results"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["workload"] == workload)?["ms_median"]
+                    .as_f64()
+            });
             let ratio = pytorch_ms.map(|p| ours_ms / p);
             println!(
                 "{workload:<14} threads {threads}: ours {ours_ms:8.1} ms  pytorch {}  ratio {}",
@@ -124,6 +177,10 @@ fn main() {
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts/bench");
     std::fs::create_dir_all(&dir).expect("bench dir");
-    std::fs::write(dir.join("train_step.json"), serde_json::to_vec_pretty(&rows).expect("json")).expect("write");
+    std::fs::write(
+        dir.join("train_step.json"),
+        serde_json::to_vec_pretty(&rows).expect("json"),
+    )
+    .expect("write");
     println!("goal: ratio <= 2.5 at 2 threads on both workloads");
 }

@@ -654,7 +654,15 @@ fn training_is_bitwise_identical_across_runs_and_thread_counts() {
 
 #[test]
 fn the_cnn_has_the_pytorch_peers_parameter_count() {
-    let model = SmallCnn::new(&device(), CnnConfig { width: 16, side: 28, classes: 10 }, &mut repro::nn::rng_for(0, "init"));
+    let model = SmallCnn::new(
+        &device(),
+        CnnConfig {
+            width: 16,
+            side: 28,
+            classes: 10,
+        },
+        &mut repro::nn::rng_for(0, "init"),
+    );
     // bench/pytorch_train_step.py, cnn_small: 239 306 parameters.
     assert_eq!(model.param_count(), 239_306);
 }

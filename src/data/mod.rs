@@ -155,11 +155,21 @@ pub struct Arrays {
 impl Arrays {
     /// From a reader of the canonical files by name (`train_images.npy`, ...).
     pub fn read(read: impl Fn(&str) -> Result<Vec<u8>>) -> Result<Arrays> {
-        Arrays::from_npy(&read(OUTPUT_FILES[0])?, &read(OUTPUT_FILES[1])?, &read(OUTPUT_FILES[2])?, &read(OUTPUT_FILES[3])?)
+        Arrays::from_npy(
+            &read(OUTPUT_FILES[0])?,
+            &read(OUTPUT_FILES[1])?,
+            &read(OUTPUT_FILES[2])?,
+            &read(OUTPUT_FILES[3])?,
+        )
     }
 
     /// From the four canonical `.npy` files (validated: shapes, label range).
-    pub fn from_npy(train_images: &[u8], train_labels: &[u8], test_images: &[u8], test_labels: &[u8]) -> Result<Arrays> {
+    pub fn from_npy(
+        train_images: &[u8],
+        train_labels: &[u8],
+        test_images: &[u8],
+        test_labels: &[u8],
+    ) -> Result<Arrays> {
         let train = split_from_npy(train_images, train_labels).context("training split")?;
         let test = split_from_npy(test_images, test_labels).context("test split")?;
         Ok(Arrays {

@@ -228,15 +228,22 @@ impl StageContext<'_> {
     /// Reads the one declared input whose output is called `output`, whichever stage made it
     /// (so stage code does not hard-code upstream stage names).
     pub fn input_named(&self, output: &str) -> Result<Vec<u8>> {
-        let matches: Vec<&ResolvedInput> = self.inputs.iter().filter(|i| i.output == output).collect();
+        let matches: Vec<&ResolvedInput> =
+            self.inputs.iter().filter(|i| i.output == output).collect();
         match matches.as_slice() {
             [one] => self.input(&one.stage.clone(), output),
-            [] => bail!("stage {:?} needs an input named {output}; declare it in pipeline.toml", self.stage.name),
+            [] => bail!(
+                "stage {:?} needs an input named {output}; declare it in pipeline.toml",
+                self.stage.name
+            ),
             many => bail!(
                 "stage {:?} has {} inputs named {output} (from {}); declare only one",
                 self.stage.name,
                 many.len(),
-                many.iter().map(|i| i.stage.as_str()).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|i| i.stage.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }

@@ -40,7 +40,10 @@ impl RowGather {
             if src < source_rows {
                 counts[src + 1] += 1;
             } else {
-                assert!(src == ZERO_ROW || src == ONE_ROW, "gather index {src} out of range {source_rows}");
+                assert!(
+                    src == ZERO_ROW || src == ONE_ROW,
+                    "gather index {src} out of range {source_rows}"
+                );
             }
         }
         for r in 0..source_rows {
@@ -63,7 +66,12 @@ impl RowGather {
             })
             .collect();
         let n = mapped.len();
-        RowGather { index: Arc::new(index), source_rows, readers: Arc::new((counts, rows)), device_index: dev.tensor_from_vec(mapped, (n,)) }
+        RowGather {
+            index: Arc::new(index),
+            source_rows,
+            readers: Arc::new((counts, rows)),
+            device_index: dev.tensor_from_vec(mapped, (n,)),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -86,7 +94,9 @@ impl RowGather {
         let dev = x.device().clone();
         let zero: T2 = dev.zeros_like(&(1, b));
         let ones: T2 = dev.ones_like(&(1, b));
-        ((x, zero).concat_along(Axis::<0>), ones).concat_along(Axis::<0>).gather(self.device_index.clone())
+        ((x, zero).concat_along(Axis::<0>), ones)
+            .concat_along(Axis::<0>)
+            .gather(self.device_index.clone())
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -97,11 +107,13 @@ impl RowGather {
         let dev = x.device().clone();
         let source = x.as_vec();
         let mut out = vec![0.0f32; self.index.len() * b];
-        out.par_chunks_mut(b.max(1)).zip(self.index.par_iter()).for_each(|(row, &src)| match src {
-            ZERO_ROW => {}
-            ONE_ROW => row.fill(1.0),
-            s => row.copy_from_slice(&source[s * b..(s + 1) * b]),
-        });
+        out.par_chunks_mut(b.max(1))
+            .zip(self.index.par_iter())
+            .for_each(|(row, &src)| match src {
+                ZERO_ROW => {}
+                ONE_ROW => row.fill(1.0),
+                s => row.copy_from_slice(&source[s * b..(s + 1) * b]),
+            });
         let out: T2 = dev.tensor_from_vec(out, (self.index.len(), b));
         if T::OWNS_TAPE {
             let (input, output) = (x.ghost(), out.ghost());
@@ -112,13 +124,18 @@ impl RowGather {
                 let upstream: Vec<f32> = grads.get(&output).as_vec();
                 let grad = grads.get_or_alloc_mut(&input)?;
                 let (offsets, rows) = &*readers;
-                grad[..source_rows * b].par_chunks_mut(b.max(1)).enumerate().for_each(|(src, g)| {
-                    for &out_row in &rows[offsets[src]..offsets[src + 1]] {
-                        for (gi, ui) in g.iter_mut().zip(&upstream[out_row * b..(out_row + 1) * b]) {
-                            *gi += ui;
+                grad[..source_rows * b]
+                    .par_chunks_mut(b.max(1))
+                    .enumerate()
+                    .for_each(|(src, g)| {
+                        for &out_row in &rows[offsets[src]..offsets[src + 1]] {
+                            for (gi, ui) in
+                                g.iter_mut().zip(&upstream[out_row * b..(out_row + 1) * b])
+                            {
+                                *gi += ui;
+                            }
                         }
-                    }
-                });
+                    });
                 Ok(())
             });
         }

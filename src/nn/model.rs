@@ -57,8 +57,11 @@ impl Model {
     /// Rebuilds a model from a weights file alone.
     pub fn from_safetensors(dev: &Dev, bytes: &[u8]) -> Result<Model> {
         let meta = io::metadata(bytes)?;
-        let Some(config) = meta.get("config") else { bail!("weights file has no `config` metadata") };
-        let config: ModelConfig = serde_json::from_str(config).context("weights file `config` metadata")?;
+        let Some(config) = meta.get("config") else {
+            bail!("weights file has no `config` metadata")
+        };
+        let config: ModelConfig =
+            serde_json::from_str(config).context("weights file `config` metadata")?;
         // Initial values are overwritten by the file; the generator only has to exist.
         let mut model = Model::new(dev, &config, &mut super::rng_for(0, "placeholder"));
         io::load_into(dev, &mut model, bytes)?;

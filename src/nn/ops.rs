@@ -69,7 +69,10 @@ impl RowMap {
 
     /// A selection of rows out of `rows` input rows.
     pub fn selecting(dev: &Dev, source: Vec<usize>, rows: usize) -> RowMap {
-        RowMap { gather: RowGather::new(dev, source.clone(), rows), source }
+        RowMap {
+            gather: RowGather::new(dev, source.clone(), rows),
+            source,
+        }
     }
 
     pub fn apply<T: Tp>(&self, x: T2<T>) -> T2<T> {
@@ -82,7 +85,10 @@ impl RowMap {
         for (out, &src) in self.source.iter().enumerate() {
             inv[src] = out;
         }
-        assert!(inv.iter().all(|&i| i != usize::MAX), "row map is not a permutation");
+        assert!(
+            inv.iter().all(|&i| i != usize::MAX),
+            "row map is not a permutation"
+        );
         RowMap::new(dev, inv)
     }
 }
@@ -233,8 +239,16 @@ impl Conv2d {
                 }
                 source.extend(std::iter::repeat_n(ONE_ROW, oh * ow));
             }
-            let rows = if self.output_side() { self.c_out * kk * h * w } else { self.c_in * h * w };
-            ConvPlan { gather: RowGather::new(dev, source, rows), out_h: oh, out_w: ow }
+            let rows = if self.output_side() {
+                self.c_out * kk * h * w
+            } else {
+                self.c_in * h * w
+            };
+            ConvPlan {
+                gather: RowGather::new(dev, source, rows),
+                out_h: oh,
+                out_w: ow,
+            }
         });
         (plan.gather.clone(), plan.out_h, plan.out_w)
     }
@@ -272,7 +286,9 @@ impl Conv2d {
             let y = add_per_channel(summed, taped::<_, T>(&self.bias.as_vector()), self.c_out);
             (y, oh, ow)
         } else {
-            let cols = gather.apply(x).reshape_like(&(self.c_in * kk + 1, oh * ow * b));
+            let cols = gather
+                .apply(x)
+                .reshape_like(&(self.c_in * kk + 1, oh * ow * b));
             let full = (
                 taped::<_, T>(&self.weight.value),
                 taped::<_, T>(&self.bias.value),

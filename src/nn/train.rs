@@ -67,7 +67,13 @@ fn limit(n: usize, limit: usize) -> usize {
 }
 
 /// Prepared input for examples `batch` of `images`.
-pub fn input_for(dev: &Dev, model: &Model, images: &[u8], batch: &[usize], noise: Option<&mut rand_chacha::ChaCha8Rng>) -> super::T2 {
+pub fn input_for(
+    dev: &Dev,
+    model: &Model,
+    images: &[u8],
+    batch: &[usize],
+    noise: Option<&mut rand_chacha::ChaCha8Rng>,
+) -> super::T2 {
     match model {
         Model::RevNet(m) => revnet_input(dev, images, batch, m.config.in_channels, noise),
         Model::Cnn(_) => cnn_input(dev, images, batch),
@@ -75,12 +81,23 @@ pub fn input_for(dev: &Dev, model: &Model, images: &[u8], batch: &[usize], noise
 }
 
 /// Test error (%) of `model` on the first `n` examples, in batches.
-pub fn error_rate(dev: &Dev, model: &Model, images: &[u8], labels: &[u8], n: usize, batch_size: usize) -> f64 {
+pub fn error_rate(
+    dev: &Dev,
+    model: &Model,
+    images: &[u8],
+    labels: &[u8],
+    n: usize,
+    batch_size: usize,
+) -> f64 {
     let mut wrong = 0;
     for start in (0..n).step_by(batch_size) {
         let batch: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let predictions = model.predict(input_for(dev, model, images, &batch, None));
-        wrong += batch.iter().zip(&predictions).filter(|(&i, &p)| labels[i] != p).count();
+        wrong += batch
+            .iter()
+            .zip(&predictions)
+            .filter(|(&i, &p)| labels[i] != p)
+            .count();
     }
     100.0 * wrong as f64 / n.max(1) as f64
 }
@@ -95,16 +112,32 @@ impl Trainer {
             order.shuffle(&mut rng_for(settings.seed, "actnorm-init"));
             order.truncate(512);
             let mut noise = rng_for(settings.seed, "actnorm-init-noise");
-            let x = revnet_input(dev, &data.train_images, &order, m.config.in_channels, settings.dequantize.then_some(&mut noise));
+            let x = revnet_input(
+                dev,
+                &data.train_images,
+                &order,
+                m.config.in_channels,
+                settings.dequantize.then_some(&mut noise),
+            );
             m.init(x);
         }
         let kind = settings.optimizer;
         let optimizer = Optimizer::new(kind, dev, &model);
-        Trainer { model, optimizer, settings, history: Vec::new() }
+        Trainer {
+            model,
+            optimizer,
+            settings,
+            history: Vec::new(),
+        }
     }
 
     fn lr(&self, epoch: usize) -> f32 {
-        let decays = self.settings.lr_milestones.iter().filter(|&&m| epoch >= m).count();
+        let decays = self
+            .settings
+            .lr_milestones
+            .iter()
+            .filter(|&&m| epoch >= m)
+            .count();
         self.settings.lr * self.settings.lr_gamma.powi(decays as i32)
     }
 
@@ -122,7 +155,13 @@ impl Trainer {
         let (mut loss, mut ce, mut nll) = (0.0f64, 0.0f64, 0.0f64);
         for (step, batch) in order.chunks(s.batch_size).enumerate() {
             let labels: Vec<u8> = batch.iter().map(|&i| data.train_labels[i]).collect();
-            let x = input_for(dev, &self.model, &data.train_images, batch, s.dequantize.then_some(&mut noise));
+            let x = input_for(
+                dev,
+                &self.model,
+                &data.train_images,
+                batch,
+                s.dequantize.then_some(&mut noise),
+            );
             let (grads, stats) = match &self.model {
                 Model::RevNet(m) => revnet_ce_step(m, x, &labels, s.nll_weight, Some(&mut dropout)),
                 Model::Cnn(m) => cnn_step(m, x, &labels),
@@ -144,14 +183,22 @@ impl Trainer {
             ce: ce / seen as f64,
             nll_bits_per_dim: nll / seen as f64,
             train_error: 100.0 * sum.errors as f64 / seen as f64,
-            test_error: error_rate(dev, &self.model, &data.test_images, &data.test_labels, test_n, 500),
+            test_error: error_rate(
+                dev,
+                &self.model,
+                &data.test_images,
+                &data.test_labels,
+                test_n,
+                500,
+            ),
         };
         self.history.push(metrics.clone());
         metrics
     }
 
     pub fn steps_per_epoch(&self, data: &Arrays) -> u64 {
-        limit(data.train_labels.len(), self.settings.train_limit).div_ceil(self.settings.batch_size) as u64
+        limit(data.train_labels.len(), self.settings.train_limit).div_ceil(self.settings.batch_size)
+            as u64
     }
 
     /// Weights, optimiser state and history in one safetensors file.
@@ -159,7 +206,10 @@ impl Trainer {
         let mut params = self.model.params();
         params.extend(self.optimizer.params());
         let mut meta = HashMap::new();
-        meta.insert("config".into(), serde_json::to_string(&self.model.config())?);
+        meta.insert(
+            "config".into(),
+            serde_json::to_string(&self.model.config())?,
+        );
         meta.insert("history".into(), serde_json::to_string(&self.history)?);
         meta.insert("optimizer_step".into(), self.optimizer.step.to_string());
         io::save(&params, meta)
@@ -168,7 +218,8 @@ impl Trainer {
     /// Restores a checkpoint written by [`Trainer::checkpoint`] for the same configuration.
     pub fn restore(&mut self, dev: &Dev, bytes: &[u8]) -> Result<()> {
         let meta = io::metadata(bytes)?;
-        let config: super::model::ModelConfig = serde_json::from_str(meta.get("config").context("checkpoint without config")?)?;
+        let config: super::model::ModelConfig =
+            serde_json::from_str(meta.get("config").context("checkpoint without config")?)?;
         if config != self.model.config() {
             bail!("checkpoint is for another model configuration");
         }
@@ -184,8 +235,12 @@ impl Trainer {
             }
         }
         io::load_into(dev, &mut Both(&mut self.model, &mut self.optimizer), bytes)?;
-        self.history = serde_json::from_str(meta.get("history").context("checkpoint without history")?)?;
-        self.optimizer.step = meta.get("optimizer_step").context("checkpoint without optimizer_step")?.parse()?;
+        self.history =
+            serde_json::from_str(meta.get("history").context("checkpoint without history")?)?;
+        self.optimizer.step = meta
+            .get("optimizer_step")
+            .context("checkpoint without optimizer_step")?
+            .parse()?;
         Ok(())
     }
 

@@ -9,7 +9,9 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
+const COLOURS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
+];
 
 fn nice_max(v: f64) -> f64 {
     if v <= 0.0 {
@@ -17,7 +19,11 @@ fn nice_max(v: f64) -> f64 {
     }
     let magnitude = 10f64.powf(v.log10().floor());
     let steps = [1.0, 2.0, 2.5, 5.0, 10.0];
-    steps.iter().map(|s| s * magnitude).find(|&m| m >= v).unwrap_or(10.0 * magnitude)
+    steps
+        .iter()
+        .map(|s| s * magnitude)
+        .find(|&m| m >= v)
+        .unwrap_or(10.0 * magnitude)
 }
 
 /// A line plot with axes from 0 (x from the smallest x), ticks, a legend and a title.
@@ -27,8 +33,17 @@ pub fn line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let x_min = xs.clone().fold(f64::INFINITY, f64::min).min(f64::INFINITY);
     let x_max = xs.fold(f64::NEG_INFINITY, f64::max);
-    let (x_min, x_max) = if x_min.is_finite() && x_max > x_min { (x_min, x_max) } else { (0.0, 1.0) };
-    let y_max = nice_max(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0, f64::max));
+    let (x_min, x_max) = if x_min.is_finite() && x_max > x_min {
+        (x_min, x_max)
+    } else {
+        (0.0, 1.0)
+    };
+    let y_max = nice_max(
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .fold(0.0, f64::max),
+    );
     let plot_w = width - left - right;
     let plot_h = height - top - bottom;
     let px = |x: f64| left + (x - x_min) / (x_max - x_min) * plot_w;
@@ -38,30 +53,87 @@ pub fn line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
     );
-    let _ = write!(svg, r#"<rect width="{width}" height="{height}" fill="white"/>"#);
-    let _ = write!(svg, r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#, left + plot_w / 2.0, escape(title));
+    let _ = write!(
+        svg,
+        r#"<rect width="{width}" height="{height}" fill="white"/>"#
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        left + plot_w / 2.0,
+        escape(title)
+    );
     for i in 0..=4 {
         let y = y_max * i as f64 / 4.0;
-        let _ = write!(svg, r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##, left + plot_w, left - 6.0, py(y) + 4.0, fmt_tick(y), py = py(y));
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + plot_w,
+            left - 6.0,
+            py(y) + 4.0,
+            fmt_tick(y),
+            py = py(y)
+        );
     }
     let x_ticks = 5.min((x_max - x_min).round() as usize).max(1);
     for i in 0..=x_ticks {
         let x = x_min + (x_max - x_min) * i as f64 / x_ticks as f64;
-        let _ = write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, px(x), top + plot_h + 18.0, fmt_tick(x));
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            px(x),
+            top + plot_h + 18.0,
+            fmt_tick(x)
+        );
     }
-    let _ = write!(svg, r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>"##);
-    let _ = write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, left + plot_w / 2.0, height - 10.0, escape(x_label));
-    let _ = write!(svg, r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#, top + plot_h / 2.0, top + plot_h / 2.0, escape(y_label));
+    let _ = write!(
+        svg,
+        r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>"##
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+        left + plot_w / 2.0,
+        height - 10.0,
+        escape(x_label)
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#,
+        top + plot_h / 2.0,
+        top + plot_h / 2.0,
+        escape(y_label)
+    );
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let points: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
-        let _ = write!(svg, r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#, points.join(" "));
+        let points: Vec<String> = s
+            .points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            points.join(" ")
+        );
         for &(x, y) in &s.points {
-            let _ = write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#, px(x), py(y));
+            let _ = write!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                px(x),
+                py(y)
+            );
         }
         let ly = top + 14.0 + 18.0 * i as f64;
         let lx = left + plot_w + 12.0;
-        let _ = write!(svg, r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#, lx + 18.0, lx + 24.0, ly + 4.0, escape(&s.name));
+        let _ = write!(
+            svg,
+            r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
+            lx + 18.0,
+            lx + 24.0,
+            ly + 4.0,
+            escape(&s.name)
+        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -76,5 +148,7 @@ fn fmt_tick(v: f64) -> String {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

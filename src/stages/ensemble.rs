@@ -16,9 +16,9 @@ use serde_json::json;
 
 use crate::data::Arrays;
 use crate::engine::{Finished, StageContext, StageKind};
+use crate::nn::device;
 use crate::nn::model::{ensemble_predict, Model};
 use crate::nn::train::{error_rate, input_for};
-use crate::nn::device;
 
 pub struct Ensemble;
 
@@ -35,9 +35,22 @@ impl StageKind for Ensemble {
         let dev = device();
         let data = Arrays::read(|name| ctx.input_named(name))?;
         let limit = ctx.param_int("test_limit")?;
-        let n = if limit <= 0 { data.test_labels.len() } else { data.test_labels.len().min(limit as usize) };
-        let stages: Vec<String> = ctx.input_stages().into_iter().filter(|s| ctx.input_names(s).contains(&"weights.safetensors")).map(String::from).collect();
-        ensure!(!stages.is_empty(), "stage {} has no member weights among its inputs", ctx.name());
+        let n = if limit <= 0 {
+            data.test_labels.len()
+        } else {
+            data.test_labels.len().min(limit as usize)
+        };
+        let stages: Vec<String> = ctx
+            .input_stages()
+            .into_iter()
+            .filter(|s| ctx.input_names(s).contains(&"weights.safetensors"))
+            .map(String::from)
+            .collect();
+        ensure!(
+            !stages.is_empty(),
+            "stage {} has no member weights among its inputs",
+            ctx.name()
+        );
         let mut members = Vec::new();
         let mut member_rows = Vec::new();
         for (i, stage) in stages.iter().enumerate() {
@@ -53,10 +66,17 @@ impl StageKind for Ensemble {
         for start in (0..n).step_by(500) {
             let batch: Vec<usize> = (start..(start + 500).min(n)).collect();
             let x = input_for(&dev, &members[0], &data.test_images, &batch, None);
-            wrong += ensemble_predict(&members, &x).iter().zip(&batch).filter(|(p, &i)| **p != data.test_labels[i]).count();
+            wrong += ensemble_predict(&members, &x)
+                .iter()
+                .zip(&batch)
+                .filter(|(p, &i)| **p != data.test_labels[i])
+                .count();
         }
         let ensemble_error = 100.0 * wrong as f64 / n.max(1) as f64;
-        ctx.log(format!("ensemble of {}: test error {ensemble_error:.2} % on {n}", members.len()));
+        ctx.log(format!(
+            "ensemble of {}: test error {ensemble_error:.2} % on {n}",
+            members.len()
+        ));
         ctx.set_metric("test_error", json!(ensemble_error));
         let result = json!({ "members": member_rows, "test_error": ensemble_error, "n_test": n });
         ctx.write_output("ensemble.json", &serde_json::to_vec_pretty(&result)?)?;

@@ -35,9 +35,25 @@ impl StageKind for Evaluate {
         let limit = |n: usize, l: i64| if l <= 0 { n } else { n.min(l as usize) };
         let n_train = limit(data.train_labels.len(), ctx.param_int("train_limit")?);
         let n_test = limit(data.test_labels.len(), ctx.param_int("test_limit")?);
-        let test_error = error_rate(&dev, &model, &data.test_images, &data.test_labels, n_test, 500);
-        let train_error = error_rate(&dev, &model, &data.train_images, &data.train_labels, n_train, 500);
-        ctx.log(format!("test error {test_error:.2} % on {n_test}, train error {train_error:.2} % on {n_train}"));
+        let test_error = error_rate(
+            &dev,
+            &model,
+            &data.test_images,
+            &data.test_labels,
+            n_test,
+            500,
+        );
+        let train_error = error_rate(
+            &dev,
+            &model,
+            &data.train_images,
+            &data.train_labels,
+            n_train,
+            500,
+        );
+        ctx.log(format!(
+            "test error {test_error:.2} % on {n_test}, train error {train_error:.2} % on {n_train}"
+        ));
         let result = json!({
             "model": model.config(),
             "parameters": model.param_count(),

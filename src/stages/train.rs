@@ -10,7 +10,7 @@
 //! bytes as an uninterrupted one.
 //! Expected: `cpu` fi-RevNet ≥ 98.5 % test accuracy, CNN ≥ 99.0 % (issue 3 targets).
 //!
-//! Modules: data, nn, report
+//! Modules: data, nn, report/figures
 
 use std::collections::HashMap;
 
@@ -49,19 +49,32 @@ fn model_config(ctx: &StageContext) -> Result<ModelConfig> {
             coupling: match ctx.param_str("coupling")? {
                 "additive" => CouplingKind::Additive,
                 "affine" => CouplingKind::Affine,
-                other => bail!("param {}.coupling: {other:?} is not additive or affine", ctx.name()),
+                other => bail!(
+                    "param {}.coupling: {other:?} is not additive or affine",
+                    ctx.name()
+                ),
             },
             permutation: match ctx.param_str("permutation")? {
                 "reverse" => Permutation::Reverse,
                 "shuffle" => Permutation::Shuffle,
-                other => bail!("param {}.permutation: {other:?} is not reverse or shuffle", ctx.name()),
+                other => bail!(
+                    "param {}.permutation: {other:?} is not reverse or shuffle",
+                    ctx.name()
+                ),
             },
             dropout: ctx.param_float("dropout")? as f32,
             classes: 10,
             permutation_seed: ctx.seed(),
         }),
-        "cnn" => ModelConfig::Cnn(CnnConfig { width: usize_param(ctx, "width")?, side: 28, classes: 10 }),
-        other => bail!("param {}.model: {other:?} is not firevnet or cnn", ctx.name()),
+        "cnn" => ModelConfig::Cnn(CnnConfig {
+            width: usize_param(ctx, "width")?,
+            side: 28,
+            classes: 10,
+        }),
+        other => bail!(
+            "param {}.model: {other:?} is not firevnet or cnn",
+            ctx.name()
+        ),
     })
 }
 
@@ -71,10 +84,16 @@ fn train_settings(ctx: &StageContext, seed: u64) -> Result<TrainSettings> {
             .iter()
             .map(|i| match i {
                 Param::Int(e) if *e >= 0 => Ok(*e as usize),
-                other => bail!("param {}.lr_milestones: {other} is not an epoch", ctx.name()),
+                other => bail!(
+                    "param {}.lr_milestones: {other} is not an epoch",
+                    ctx.name()
+                ),
             })
             .collect::<Result<_>>()?,
-        _ => bail!("param {}.lr_milestones must be a list of epochs", ctx.name()),
+        _ => bail!(
+            "param {}.lr_milestones must be a list of epochs",
+            ctx.name()
+        ),
     };
     let is_revnet = ctx.param_str("model")? == "firevnet";
     Ok(TrainSettings {
@@ -83,13 +102,20 @@ fn train_settings(ctx: &StageContext, seed: u64) -> Result<TrainSettings> {
         optimizer: match ctx.param_str("optimizer")? {
             "adam" => OptimizerKind::Adam,
             "adamax" => OptimizerKind::Adamax,
-            other => bail!("param {}.optimizer: {other:?} is not adam or adamax", ctx.name()),
+            other => bail!(
+                "param {}.optimizer: {other:?} is not adam or adamax",
+                ctx.name()
+            ),
         },
         lr: ctx.param_float("lr")? as f32,
         lr_milestones: milestones,
         lr_gamma: ctx.param_float("lr_gamma")? as f32,
         seed,
-        nll_weight: if is_revnet { ctx.param_float("nll_weight")? as f32 } else { 0.0 },
+        nll_weight: if is_revnet {
+            ctx.param_float("nll_weight")? as f32
+        } else {
+            0.0
+        },
         dequantize: is_revnet && ctx.param_bool("dequantize")?,
         train_limit: usize_param(ctx, "train_limit")?,
         test_limit: usize_param(ctx, "test_limit")?,
@@ -97,17 +123,29 @@ fn train_settings(ctx: &StageContext, seed: u64) -> Result<TrainSettings> {
 }
 
 /// Trains one model with per-epoch checkpoints named `checkpoint`; returns the trainer.
-fn train_with_checkpoints(ctx: &mut StageContext, config: &ModelConfig, settings: TrainSettings, data: &Arrays, checkpoint: &str) -> Result<Trainer> {
+fn train_with_checkpoints(
+    ctx: &mut StageContext,
+    config: &ModelConfig,
+    settings: TrainSettings,
+    data: &Arrays,
+    checkpoint: &str,
+) -> Result<Trainer> {
     let dev = device();
     let model = Model::new(&dev, config, &mut rng_for(settings.seed, "init"));
     let epochs = settings.epochs;
     let mut trainer = Trainer::new(&dev, model, settings, data);
     if let Some(bytes) = ctx.checkpoint_load(checkpoint)? {
         trainer.restore(&dev, &bytes)?;
-        ctx.log(format!("{checkpoint}: resumed after epoch {}", trainer.history.len()));
+        ctx.log(format!(
+            "{checkpoint}: resumed after epoch {}",
+            trainer.history.len()
+        ));
     }
     while trainer.history.len() < epochs {
-        let bar = ctx.progress(trainer.steps_per_epoch(data), &format!("{checkpoint} epoch {}/{epochs}", trainer.history.len() + 1));
+        let bar = ctx.progress(
+            trainer.steps_per_epoch(data),
+            &format!("{checkpoint} epoch {}/{epochs}", trainer.history.len() + 1),
+        );
         let start = std::time::Instant::now();
         let m = trainer.run_epoch(&dev, data, &|done| bar.set_position(done));
         bar.finish_and_clear();
@@ -130,9 +168,21 @@ fn train_with_checkpoints(ctx: &mut StageContext, config: &ModelConfig, settings
 fn curve(title: &str, trainer: &Trainer) -> String {
     let series = |name: &str, f: &dyn Fn(&crate::nn::train::EpochMetrics) -> f64| Series {
         name: name.to_string(),
-        points: trainer.history.iter().map(|m| (m.epoch as f64, f(m))).collect(),
+        points: trainer
+            .history
+            .iter()
+            .map(|m| (m.epoch as f64, f(m)))
+            .collect(),
     };
-    line_plot(title, "epoch", "error (%)", &[series("train (dropout on)", &|m| m.train_error), series("test", &|m| m.test_error)])
+    line_plot(
+        title,
+        "epoch",
+        "error (%)",
+        &[
+            series("train (dropout on)", &|m| m.train_error),
+            series("test", &|m| m.test_error),
+        ],
+    )
 }
 
 impl StageKind for Train {
@@ -147,14 +197,23 @@ impl StageKind for Train {
     fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
         let objective = ctx.param_str("objective")?.to_string();
         if objective != "ce" {
-            bail!("param {}.objective: {objective:?} is not a known objective (ce)", ctx.name());
+            bail!(
+                "param {}.objective: {objective:?} is not a known objective (ce)",
+                ctx.name()
+            );
         }
         let data = Arrays::read(|name| ctx.input_named(name))?;
         let config = model_config(ctx)?;
         let settings = train_settings(ctx, ctx.seed())?;
         let trainer = train_with_checkpoints(ctx, &config, settings.clone(), &data, "trainer")?;
-        let description = HashMap::from([("objective".to_string(), objective.clone()), ("training".to_string(), serde_json::to_string(&settings)?)]);
-        ctx.write_output("weights.safetensors", &trainer.model.to_safetensors(description)?)?;
+        let description = HashMap::from([
+            ("objective".to_string(), objective.clone()),
+            ("training".to_string(), serde_json::to_string(&settings)?),
+        ]);
+        ctx.write_output(
+            "weights.safetensors",
+            &trainer.model.to_safetensors(description)?,
+        )?;
         let last = trainer.history.last();
         let metrics = json!({
             "model": config,
@@ -167,7 +226,10 @@ impl StageKind for Train {
             "final_train_error": last.map(|m| m.train_error),
         });
         ctx.write_output("metrics.json", &serde_json::to_vec_pretty(&metrics)?)?;
-        ctx.write_output("curve.svg", curve(&format!("{} ({objective})", ctx.name()), &trainer).as_bytes())?;
+        ctx.write_output(
+            "curve.svg",
+            curve(&format!("{} ({objective})", ctx.name()), &trainer).as_bytes(),
+        )?;
         if let Some(m) = last {
             ctx.set_metric("test_error", json!(m.test_error));
         }
