@@ -72,6 +72,8 @@ fn ours(workload: &str) -> f64 {
                 let (grads, _) =
                     revnet_ce_step(&model, x.clone(), &labels, 1.0, Some(&mut dropout));
                 optim.update(&mut model, &grads, 1e-3);
+                drop(grads);
+                dev.empty_cache();
             })
         }
         "cnn_small" => {
@@ -92,6 +94,8 @@ fn ours(workload: &str) -> f64 {
             median_ms(|| {
                 let (grads, _) = cnn_step(&model, x.clone(), &labels);
                 optim.update(&mut model, &grads, 1e-3);
+                drop(grads);
+                dev.empty_cache();
             })
         }
         other => panic!("unknown workload {other}"),

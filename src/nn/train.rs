@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
+use dfdx::prelude::Cache;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +94,7 @@ pub fn error_rate(
     for start in (0..n).step_by(batch_size) {
         let batch: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let predictions = model.predict(input_for(dev, model, images, &batch, None));
+        dev.empty_cache();
         wrong += batch
             .iter()
             .zip(&predictions)
@@ -167,6 +169,10 @@ impl Trainer {
                 Model::Cnn(m) => cnn_step(m, x, &labels),
             };
             self.optimizer.update(&mut self.model, &grads, lr);
+            drop(grads);
+            // Tensors built from our own buffers enter dfdx's allocation cache when dropped but
+            // are never taken from it again: empty it every step or it grows without bound.
+            dev.empty_cache();
             let w = batch.len() as f64;
             loss += stats.loss as f64 * w;
             ce += stats.ce as f64 * w;

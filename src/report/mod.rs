@@ -28,6 +28,60 @@ pub struct Claim {
     /// Which stage(s) will measure it; empty until one exists.
     #[serde(default)]
     pub measured_by: String,
+    /// How the claim is judged, per profile (profiles without a rule show the number only).
+    #[serde(default)]
+    pub rules: BTreeMap<String, Rule>,
+}
+
+/// A check of one measured number: `at_most`, `at_least`, or `near` ± `within`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// `stage.field` of a number some stage published (e.g. `eval_ce.test_error`).
+    pub metric: String,
+    pub at_most: Option<f64>,
+    pub at_least: Option<f64>,
+    pub near: Option<f64>,
+    pub within: Option<f64>,
+}
+
+impl Rule {
+    fn holds(&self, value: f64) -> bool {
+        self.at_most.is_none_or(|m| value <= m)
+            && self.at_least.is_none_or(|m| value >= m)
+            && self.near.is_none_or(|n| (value - n).abs() <= self.within.unwrap_or(0.0))
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(m) = self.at_most {
+            parts.push(format!("{} ≤ {m}", self.metric));
+        }
+        if let Some(m) = self.at_least {
+            parts.push(format!("{} ≥ {m}", self.metric));
+        }
+        if let Some(n) = self.near {
+            parts.push(format!("{} = {n} ± {}", self.metric, self.within.unwrap_or(0.0)));
+        }
+        parts.join(" and ")
+    }
+}
+
+/// A claim's verdict on one profile: the measured value (if any), the verdict and why.
+pub fn judge(claim: &Claim, profile: &str, metrics: &BTreeMap<String, f64>) -> (Option<f64>, Verdict, String) {
+    let rule = claim.rules.get(profile);
+    let metric = rule.or_else(|| claim.rules.values().next()).map(|r| r.metric.clone());
+    let value = metric.as_ref().and_then(|m| metrics.get(m).copied());
+    match (rule, value) {
+        (Some(rule), Some(v)) => {
+            let verdict = if rule.holds(v) { Verdict::Pass } else { Verdict::Fail };
+            (Some(v), verdict, format!("rule on {profile}: {}", rule.describe()))
+        }
+        (Some(rule), None) => (None, Verdict::NotRun, format!("{} was not measured in this run", rule.metric)),
+        (None, Some(v)) => (Some(v), Verdict::NotJudged, format!("no rule for the {profile} profile")),
+        (None, None) if claim.measured_by.is_empty() => (None, Verdict::NotRun, "no stage measures this yet".into()),
+        (None, None) => (None, Verdict::NotRun, format!("measured by {}; not run here", claim.measured_by)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -60,7 +114,8 @@ pub fn read_claims(path: &Path) -> Result<Vec<Claim>> {
 pub enum Verdict {
     Pass,
     Fail,
-    Qualitative,
+    /// Measured, but the claim has no rule for this profile (e.g. `smoke`).
+    NotJudged,
     NotRun,
 }
 
@@ -107,4 +162,51 @@ pub fn render(templates: &Path, template: &str, context: &serde_json::Value) -> 
         }
         anyhow::anyhow!("rendering {}/{template}: {message}", templates.display())
     })
+}
+
+/// Rows of the paper's tables that our stages fill (`paper/tables.toml`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tables {
+    pub accuracy: Vec<AccuracyRow>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccuracyRow {
+    /// The stage whose `evaluation.json` / `ensemble.json` fills the row; empty for a row that
+    /// only quotes the paper.
+    #[serde(default)]
+    pub stage: String,
+    pub label: String,
+    /// The paper's % error, where it reports one.
+    pub paper_test: Option<f64>,
+    pub paper_train: Option<f64>,
+}
+
+pub fn read_tables(path: &Path) -> Result<Tables> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(rules: &str) -> Claim {
+        let text = format!("id = \"C1\"\nstatement = \"s\"\npaper_value = \"0.39\"\ntolerance = \"t\"\nprofiles = [\"cpu\"]\nsource = \"x\"\nmeasured_by = \"eval_ce\"\n{rules}");
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn rules_pass_fail_and_say_when_nothing_was_measured() {
+        let c = claim("[rules]\ncpu = { metric = \"eval_ce.test_error\", at_most = 1.5 }\npaper = { metric = \"eval_ce.test_error\", near = 0.39, within = 0.2 }\n");
+        let metrics = BTreeMap::from([("eval_ce.test_error".to_string(), 1.2)]);
+        assert_eq!(judge(&c, "cpu", &metrics).1, Verdict::Pass);
+        assert_eq!(judge(&c, "paper", &metrics).1, Verdict::Fail);
+        assert_eq!(judge(&c, "smoke", &metrics).1, Verdict::NotJudged);
+        assert_eq!(judge(&c, "cpu", &BTreeMap::new()).1, Verdict::NotRun);
+        let worse = BTreeMap::from([("eval_ce.test_error".to_string(), 1.6)]);
+        assert_eq!(judge(&c, "cpu", &worse).1, Verdict::Fail);
+    }
 }

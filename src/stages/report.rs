@@ -5,9 +5,13 @@
 //! verdict; each section shows our number beside the paper's, the verdict with its tolerance,
 //! the protocol note where we had to decide, and provenance (stage, key prefix, params, code
 //! fingerprint, device, wall time, log). Claims no stage measures yet say "not run".
-//! Inputs: every upstream stage declared in pipeline.toml (today the datasets), plus the
-//! repository files `paper/templates/`, `paper/text/`, `paper/claims.toml`.
-//! Outputs: `index.html`, `results.json`, `logs/<stage>.log` (exported to artifacts/report/).
+//! Inputs: every upstream stage declared in pipeline.toml, recognised by what it publishes
+//! (`summary.json` a dataset, `evaluation.json` / `ensemble.json` an accuracy row,
+//! `metrics.json` + `curve.svg` a training run), plus the repository files
+//! `paper/templates/`, `paper/text/`, `paper/claims.toml` (claims and their rules) and
+//! `paper/tables.toml` (which stage fills which table row, and the paper's numbers).
+//! Outputs: `index.html`, `results.json` (profile, every published number, every claim's
+//! verdict), `figures/*.svg`, `logs/<stage>.log` (all exported to artifacts/report/).
 //! Deterministic: no clocks, no paths of this machine; the same inputs give the same bytes.
 //!
 //! Modules: report
@@ -18,7 +22,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use crate::engine::{Finished, Manifest, StageContext, StageKind};
-use crate::report::{markdown, read_claims, render, Provenance, Verdict};
+use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
 
 pub struct Report;
 
@@ -84,40 +88,84 @@ impl StageKind for Report {
     fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
         let profile = ctx.param_str("profile")?.to_string();
         let claims = read_claims(&ctx.repo_path("paper/claims.toml"))?;
+        let tables = read_tables(&ctx.repo_path("paper/tables.toml"))?;
+        let upstream: Vec<String> = ctx.input_stages().into_iter().map(String::from).collect();
 
+        // Every number an upstream stage published, as `stage.field` (what claims' rules read).
+        let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut datasets = Vec::new();
-        for stage in ctx.input_stages() {
-            if ctx.input_names(stage).contains(&"summary.json") || !ctx.has_input(stage) {
+        let mut trainings = Vec::new();
+        for stage in &upstream {
+            let names: Vec<String> = ctx.input_names(stage).into_iter().map(String::from).collect();
+            if names.iter().any(|n| n == "summary.json") || !ctx.has_input(stage) {
                 datasets.push(dataset_entry(ctx, stage)?);
+            }
+            for file in ["evaluation.json", "ensemble.json"] {
+                if names.iter().any(|n| n == file) {
+                    let value: Value = serde_json::from_slice(&ctx.input(stage, file)?).with_context(|| format!("{file} of stage {stage}"))?;
+                    for (field, v) in value.as_object().into_iter().flatten() {
+                        if let Some(x) = v.as_f64() {
+                            metrics.insert(format!("{stage}.{field}"), x);
+                        }
+                    }
+                }
+            }
+            if names.iter().any(|n| n == "metrics.json") {
+                let value: Value = serde_json::from_slice(&ctx.input(stage, "metrics.json")?).with_context(|| format!("metrics.json of stage {stage}"))?;
+                let curve = if names.iter().any(|n| n == "curve.svg") {
+                    let file = format!("figures/{stage}_curve.svg");
+                    ctx.write_output(&file, &ctx.input(stage, "curve.svg")?)?;
+                    file
+                } else {
+                    String::new()
+                };
+                let manifest = ctx.upstream_manifest(stage).expect("an input that was read has a manifest");
+                trainings.push(json!({
+                    "stage": stage, "model": value["model"], "objective": value["objective"], "settings": value["settings"],
+                    "parameters": value["parameters"], "history": value["history"], "curve": curve, "provenance": provenance(manifest),
+                }));
             }
         }
 
-        // No stage measures a claim yet: each says which stage will, and is "not run".
+        let accuracy: Vec<Value> = tables
+            .accuracy
+            .iter()
+            .map(|row| {
+                let get = |field: &str| metrics.get(&format!("{}.{field}", row.stage)).copied();
+                let measured = !row.stage.is_empty() && get("test_error").is_some();
+                json!({
+                    "label": row.label, "stage": row.stage, "measured": measured,
+                    "quoted_only": row.stage.is_empty(),
+                    "test_error": get("test_error").map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "train_error": get("train_error").map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "n_test": get("n_test").map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
+                    "n_train": get("n_train").map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
+                    "paper_test": row.paper_test.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "paper_train": row.paper_train.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "provenance": ctx.upstream_manifest(&row.stage).map(provenance),
+                })
+            })
+            .collect();
+
         let claim_rows: Vec<Value> = claims
             .iter()
             .map(|c| {
+                let (ours, verdict, note) = judge(c, &profile, &metrics);
                 json!({
                     "id": c.id, "statement": c.statement, "paper_value": c.paper_value,
                     "tolerance": c.tolerance, "profiles": c.profiles.join(", "), "source": c.source,
-                    "judged_here": c.profiles.contains(&profile),
-                    "ours": "—", "verdict": Verdict::NotRun,
-                    "note": if c.measured_by.is_empty() { "no stage measures this yet".to_string() } else { format!("measured by {}", c.measured_by) },
+                    "ours": ours.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "verdict": verdict, "note": note,
                 })
             })
             .collect();
 
         let mut texts = BTreeMap::new();
         let text_dir = ctx.repo_path("paper/text");
-        for entry in std::fs::read_dir(&text_dir)
-            .with_context(|| format!("listing {}", text_dir.display()))?
-        {
+        for entry in std::fs::read_dir(&text_dir).with_context(|| format!("listing {}", text_dir.display()))? {
             let path = entry?.path();
-            if let (Some(stem), Some("md")) = (
-                path.file_stem().and_then(|s| s.to_str()),
-                path.extension().and_then(|e| e.to_str()),
-            ) {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?;
+            if let (Some(stem), Some("md")) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str())) {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
                 texts.insert(stem.to_string(), markdown(&text));
             }
         }
@@ -126,39 +174,33 @@ impl StageKind for Report {
             "profile": profile,
             "claims": claim_rows,
             "datasets": datasets,
+            "accuracy": accuracy,
+            "trainings": trainings,
             "text": texts,
         });
-        let html = render(
-            &ctx.repo_path("paper/templates"),
-            "index.html.tera",
-            &context,
-        )?;
+        let html = render(&ctx.repo_path("paper/templates"), "index.html.tera", &context)?;
         ctx.write_output("index.html", html.as_bytes())?;
 
         let results = json!({
             "profile": profile,
+            "metrics": metrics,
             "datasets": datasets.iter().filter(|d| d["available"] == true).map(|d| json!({
                 "stage": d["stage"], "name": d["name"], "train": d["train"], "test": d["test"],
                 "files": d["files"], "source": d["source"],
             })).collect::<Vec<_>>(),
             "claims": claim_rows.iter().map(|c| json!({
-                "id": c["id"], "paper_value": c["paper_value"], "ours": c["ours"], "verdict": c["verdict"],
+                "id": c["id"], "paper_value": c["paper_value"], "ours": c["ours"], "verdict": c["verdict"], "note": c["note"],
             })).collect::<Vec<_>>(),
         });
         ctx.write_output("results.json", &serde_json::to_vec_pretty(&results)?)?;
 
-        let upstream: Vec<String> = ctx.input_stages().into_iter().map(String::from).collect();
         for stage in &upstream {
             if ctx.has_input(stage) {
                 let log = ctx.upstream_log(stage)?;
                 ctx.write_output(&format!("logs/{stage}.log"), &log)?;
             }
         }
-        ctx.log(format!(
-            "rendered {} claims and {} datasets for profile {profile}",
-            claims.len(),
-            datasets.len()
-        ));
+        ctx.log(format!("rendered {} claims, {} datasets, {} trainings for profile {profile}", claims.len(), datasets.len(), trainings.len()));
         Ok(Finished::Done)
     }
 }
