@@ -37,9 +37,15 @@ impl Sandbox {
         self.dir.path().join(rel)
     }
 
+    /// Runs `repro` with the `smoke` profile unless the arguments name one.
     fn repro(&self, args: &[&str]) -> Output {
+        let mut full: Vec<&str> = Vec::new();
+        if !args.contains(&"--profile") {
+            full.extend(["--profile", "smoke"]);
+        }
+        full.extend(args);
         let out = Command::new(env!("CARGO_BIN_EXE_repro"))
-            .args(args)
+            .args(&full)
             .current_dir(self.dir.path())
             .env_remove("REPRO_STORE")
             .output()
@@ -150,6 +156,26 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
         "train images hash in the report"
     );
     assert!(sb.path("artifacts/report/logs/mnist.log").is_file());
+    // The models ran and their numbers reached the report, judged only where a rule exists.
+    assert!(
+        results["metrics"]["eval_ce.test_error"].is_number(),
+        "{}",
+        results["metrics"]
+    );
+    assert!(results["metrics"]["oracle.test_error"].is_number());
+    let c1 = results["claims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "C1")
+        .unwrap();
+    assert_eq!(c1["verdict"], "not-judged", "smoke has no rule for C1");
+    assert!(
+        html.contains("fi-RevNet, CE: logits z_s") && html.contains("figures/train_ce_curve.svg")
+    );
+    assert!(sb
+        .path("artifacts/report/figures/train_ce_curve.svg")
+        .is_file());
 }
 
 #[test]
@@ -295,7 +321,7 @@ fn without_pip_the_error_says_so_and_names_the_alternative() {
     let sb = Sandbox::new();
     let empty_cache = sb.path("cache");
     let out = Command::new(env!("CARGO_BIN_EXE_repro"))
-        .args(["run", "mnist"])
+        .args(["--profile", "smoke", "run", "mnist"])
         .current_dir(sb.dir.path())
         .env("PATH", sb.path("no-bin"))
         .env("REPRO_CACHE", &empty_cache)
@@ -497,5 +523,10 @@ fn gc_keeps_current_results_and_drops_superseded_ones() {
     );
     let status = sb.run(&["reproduce"]);
     assert_eq!(outcome(&status, "mnist"), "hit");
+    assert_eq!(
+        outcome(&status, "train_ce"),
+        "hit",
+        "gc keeps every profile's current results"
+    );
     assert_eq!(outcome(&status, "report"), "hit");
 }

@@ -666,3 +666,218 @@ fn the_cnn_has_the_pytorch_peers_parameter_count() {
     // bench/pytorch_train_step.py, cnn_small: 239 306 parameters.
     assert_eq!(model.param_count(), 239_306);
 }
+
+// ---- checkpoints and weights files ----
+
+use repro::data::Arrays;
+use repro::nn::model::{Model, ModelConfig};
+use repro::nn::train::{TrainSettings, Trainer};
+
+fn synthetic_arrays(n: usize) -> Arrays {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let labels: Vec<u8> = (0..n).map(|_| rng.gen_range(0..10)).collect();
+    // Images whose bright row encodes the label, so there is something to learn.
+    let mut images = vec![0u8; n * 784];
+    for (i, &l) in labels.iter().enumerate() {
+        for c in 0..28 {
+            images[i * 784 + (2 + 2 * l as usize) * 28 + c] = 200 + rng.gen_range(0..50);
+        }
+    }
+    Arrays {
+        train_images: images.clone(),
+        train_labels: labels.clone(),
+        test_images: images,
+        test_labels: labels,
+    }
+}
+
+fn tiny_settings(epochs: usize) -> TrainSettings {
+    TrainSettings {
+        epochs,
+        batch_size: 16,
+        optimizer: OptimizerKind::Adamax,
+        lr: 1e-3,
+        lr_milestones: vec![1],
+        lr_gamma: 0.2,
+        seed: 3,
+        nll_weight: 0.5,
+        dequantize: true,
+        train_limit: 0,
+        test_limit: 0,
+    }
+}
+
+#[test]
+fn a_resumed_training_gives_the_same_bytes_as_an_uninterrupted_one() {
+    let dev = device();
+    let data = synthetic_arrays(48);
+    let config = ModelConfig::Firevnet(config(
+        1,
+        32,
+        3,
+        1,
+        8,
+        CouplingKind::Additive,
+        Permutation::Reverse,
+    ));
+    let fresh = |dev: &repro::nn::Dev| {
+        Trainer::new(
+            dev,
+            Model::new(dev, &config, &mut repro::nn::rng_for(3, "init")),
+            tiny_settings(2),
+            &data,
+        )
+    };
+
+    let mut straight = fresh(&dev);
+    straight.run_epoch(&dev, &data, &|_| {});
+    straight.run_epoch(&dev, &data, &|_| {});
+
+    let mut first = fresh(&dev);
+    first.run_epoch(&dev, &data, &|_| {});
+    let checkpoint = first.checkpoint().unwrap();
+    drop(first);
+    let mut resumed = fresh(&dev);
+    resumed.restore(&dev, &checkpoint).unwrap();
+    assert_eq!(resumed.history.len(), 1);
+    resumed.run_epoch(&dev, &data, &|_| {});
+
+    assert_eq!(resumed.history, straight.history);
+    let differing: Vec<String> = resumed
+        .model
+        .params()
+        .iter()
+        .zip(straight.model.params())
+        .filter(|(a, b)| a.value.as_vec() != b.value.as_vec())
+        .map(|(a, _)| a.name.clone())
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "resumed weights differ from uninterrupted ones: {differing:?}"
+    );
+    let weights = |t: &Trainer| t.model.to_safetensors(Default::default()).unwrap();
+    assert!(
+        weights(&resumed) == weights(&straight),
+        "weights files differ"
+    );
+}
+
+#[test]
+fn weights_files_round_trip_and_rebuild_the_model_from_the_file_alone() {
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for config in [
+        ModelConfig::Firevnet(config(
+            1,
+            32,
+            3,
+            1,
+            8,
+            CouplingKind::Affine,
+            Permutation::Shuffle,
+        )),
+        ModelConfig::Cnn(CnnConfig {
+            width: 4,
+            side: 28,
+            classes: 10,
+        }),
+    ] {
+        let mut model = Model::new(&dev, &config, &mut rng);
+        perturb(&mut model, &mut rng, 0.1);
+        let bytes = model.to_safetensors(Default::default()).unwrap();
+        let back = Model::from_safetensors(&dev, &bytes).unwrap();
+        assert_eq!(back.config(), config);
+        assert!(
+            back.to_safetensors(Default::default()).unwrap() == bytes,
+            "bitwise round trip"
+        );
+        // Names follow the module tree, shapes PyTorch's (O, C, k, k).
+        let names: Vec<String> = back
+            .params()
+            .iter()
+            .map(|p| format!("{} {:?}", p.name, p.shape))
+            .collect();
+        if let ModelConfig::Firevnet(_) = config {
+            assert!(
+                names.contains(&"level0.step0.coupling.conv1.weight [8, 2, 3, 3]".to_string()),
+                "{names:?}"
+            );
+            assert!(
+                names.contains(&"level0.split.prior.logs [4]".to_string()),
+                "{names:?}"
+            );
+        }
+    }
+    // A truncated file is an error, not a panic.
+    let model = Model::new(
+        &dev,
+        &ModelConfig::Cnn(CnnConfig {
+            width: 4,
+            side: 28,
+            classes: 10,
+        }),
+        &mut rng,
+    );
+    let bytes = model.to_safetensors(Default::default()).unwrap();
+    assert!(Model::from_safetensors(&dev, &bytes[..bytes.len() / 2]).is_err());
+}
+
+#[test]
+fn python_reads_our_weights_and_arrays() {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import numpy, safetensors.numpy"])
+        .output();
+    if !check.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: python3 with numpy and safetensors is not available (pip install numpy safetensors)");
+        return;
+    }
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let model = Model::new(
+        &dev,
+        &ModelConfig::Cnn(CnnConfig {
+            width: 4,
+            side: 28,
+            classes: 10,
+        }),
+        &mut rng,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("w.safetensors"),
+        model.to_safetensors(Default::default()).unwrap(),
+    )
+    .unwrap();
+    let labels = ndarray::Array1::from_vec(vec![3u8, 1, 4, 1, 5]);
+    std::fs::write(
+        dir.path().join("labels.npy"),
+        repro::data::npy_bytes(&labels).unwrap(),
+    )
+    .unwrap();
+    let stem = model
+        .params()
+        .into_iter()
+        .find(|p| p.name == "stem.weight")
+        .unwrap()
+        .value
+        .as_vec();
+    let script = format!(
+        "import json, numpy as np\nfrom safetensors.numpy import load_file\nfrom safetensors import safe_open\n\
+         w = load_file('{d}/w.safetensors')\nassert w['stem.weight'].shape == (4, 1, 3, 3), w['stem.weight'].shape\n\
+         assert abs(float(w['stem.weight'].ravel()[0]) - {first}) < 1e-7\nassert abs(float(w['stem.weight'].ravel()[-1]) - {last}) < 1e-7\n\
+         meta = safe_open('{d}/w.safetensors', 'np').metadata()\nassert json.loads(meta['config'])['model'] == 'cnn'\n\
+         l = np.load('{d}/labels.npy')\nassert l.dtype == np.uint8 and l.tolist() == [3, 1, 4, 1, 5], l\nprint('ok')",
+        d = dir.path().display(),
+        first = stem[0],
+        last = stem[stem.len() - 1]
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -41,7 +41,25 @@ pub fn save(params: &[&Param], metadata: HashMap<String, String>) -> Result<Vec<
             ))
         })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    Ok(safetensors::serialize(views, &Some(metadata))?)
+    canonical_header(&safetensors::serialize(views, &Some(metadata))?)
+}
+
+/// Rewrites a safetensors header with sorted keys. The crate writes its metadata from a
+/// `HashMap`, whose order changes from run to run: without this, equal weights would not be
+/// equal bytes (and the same stage key would not give the same output).
+fn canonical_header(bytes: &[u8]) -> Result<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    // serde_json's default map is sorted, so parsing and printing again sorts every level.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+    let mut text = serde_json::to_string(&header)?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// The metadata of a safetensors file.

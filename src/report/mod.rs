@@ -49,7 +49,9 @@ impl Rule {
     fn holds(&self, value: f64) -> bool {
         self.at_most.is_none_or(|m| value <= m)
             && self.at_least.is_none_or(|m| value >= m)
-            && self.near.is_none_or(|n| (value - n).abs() <= self.within.unwrap_or(0.0))
+            && self
+                .near
+                .is_none_or(|n| (value - n).abs() <= self.within.unwrap_or(0.0))
     }
 
     fn describe(&self) -> String {
@@ -61,26 +63,58 @@ impl Rule {
             parts.push(format!("{} ≥ {m}", self.metric));
         }
         if let Some(n) = self.near {
-            parts.push(format!("{} = {n} ± {}", self.metric, self.within.unwrap_or(0.0)));
+            parts.push(format!(
+                "{} = {n} ± {}",
+                self.metric,
+                self.within.unwrap_or(0.0)
+            ));
         }
         parts.join(" and ")
     }
 }
 
 /// A claim's verdict on one profile: the measured value (if any), the verdict and why.
-pub fn judge(claim: &Claim, profile: &str, metrics: &BTreeMap<String, f64>) -> (Option<f64>, Verdict, String) {
+pub fn judge(
+    claim: &Claim,
+    profile: &str,
+    metrics: &BTreeMap<String, f64>,
+) -> (Option<f64>, Verdict, String) {
     let rule = claim.rules.get(profile);
-    let metric = rule.or_else(|| claim.rules.values().next()).map(|r| r.metric.clone());
+    let metric = rule
+        .or_else(|| claim.rules.values().next())
+        .map(|r| r.metric.clone());
     let value = metric.as_ref().and_then(|m| metrics.get(m).copied());
     match (rule, value) {
         (Some(rule), Some(v)) => {
-            let verdict = if rule.holds(v) { Verdict::Pass } else { Verdict::Fail };
-            (Some(v), verdict, format!("rule on {profile}: {}", rule.describe()))
+            let verdict = if rule.holds(v) {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            };
+            (
+                Some(v),
+                verdict,
+                format!("rule on {profile}: {}", rule.describe()),
+            )
         }
-        (Some(rule), None) => (None, Verdict::NotRun, format!("{} was not measured in this run", rule.metric)),
-        (None, Some(v)) => (Some(v), Verdict::NotJudged, format!("no rule for the {profile} profile")),
-        (None, None) if claim.measured_by.is_empty() => (None, Verdict::NotRun, "no stage measures this yet".into()),
-        (None, None) => (None, Verdict::NotRun, format!("measured by {}; not run here", claim.measured_by)),
+        (Some(rule), None) => (
+            None,
+            Verdict::NotRun,
+            format!("{} was not measured in this run", rule.metric),
+        ),
+        (None, Some(v)) => (
+            Some(v),
+            Verdict::NotJudged,
+            format!("no rule for the {profile} profile"),
+        ),
+        (None, None) if claim.measured_by.is_empty() => {
+            (None, Verdict::NotRun, "no stage measures this yet".into())
+        }
+        (None, None) => (
+            None,
+            Verdict::NotRun,
+            format!("measured by {}; not run here", claim.measured_by),
+        ),
     }
 }
 
@@ -185,7 +219,8 @@ pub struct AccuracyRow {
 }
 
 pub fn read_tables(path: &Path) -> Result<Tables> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
 }
 

@@ -96,13 +96,18 @@ impl StageKind for Report {
         let mut datasets = Vec::new();
         let mut trainings = Vec::new();
         for stage in &upstream {
-            let names: Vec<String> = ctx.input_names(stage).into_iter().map(String::from).collect();
+            let names: Vec<String> = ctx
+                .input_names(stage)
+                .into_iter()
+                .map(String::from)
+                .collect();
             if names.iter().any(|n| n == "summary.json") || !ctx.has_input(stage) {
                 datasets.push(dataset_entry(ctx, stage)?);
             }
             for file in ["evaluation.json", "ensemble.json"] {
                 if names.iter().any(|n| n == file) {
-                    let value: Value = serde_json::from_slice(&ctx.input(stage, file)?).with_context(|| format!("{file} of stage {stage}"))?;
+                    let value: Value = serde_json::from_slice(&ctx.input(stage, file)?)
+                        .with_context(|| format!("{file} of stage {stage}"))?;
                     for (field, v) in value.as_object().into_iter().flatten() {
                         if let Some(x) = v.as_f64() {
                             metrics.insert(format!("{stage}.{field}"), x);
@@ -111,7 +116,8 @@ impl StageKind for Report {
                 }
             }
             if names.iter().any(|n| n == "metrics.json") {
-                let value: Value = serde_json::from_slice(&ctx.input(stage, "metrics.json")?).with_context(|| format!("metrics.json of stage {stage}"))?;
+                let value: Value = serde_json::from_slice(&ctx.input(stage, "metrics.json")?)
+                    .with_context(|| format!("metrics.json of stage {stage}"))?;
                 let curve = if names.iter().any(|n| n == "curve.svg") {
                     let file = format!("figures/{stage}_curve.svg");
                     ctx.write_output(&file, &ctx.input(stage, "curve.svg")?)?;
@@ -119,7 +125,9 @@ impl StageKind for Report {
                 } else {
                     String::new()
                 };
-                let manifest = ctx.upstream_manifest(stage).expect("an input that was read has a manifest");
+                let manifest = ctx
+                    .upstream_manifest(stage)
+                    .expect("an input that was read has a manifest");
                 trainings.push(json!({
                     "stage": stage, "model": value["model"], "objective": value["objective"], "settings": value["settings"],
                     "parameters": value["parameters"], "history": value["history"], "curve": curve, "provenance": provenance(manifest),
@@ -162,10 +170,16 @@ impl StageKind for Report {
 
         let mut texts = BTreeMap::new();
         let text_dir = ctx.repo_path("paper/text");
-        for entry in std::fs::read_dir(&text_dir).with_context(|| format!("listing {}", text_dir.display()))? {
+        for entry in std::fs::read_dir(&text_dir)
+            .with_context(|| format!("listing {}", text_dir.display()))?
+        {
             let path = entry?.path();
-            if let (Some(stem), Some("md")) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str())) {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            if let (Some(stem), Some("md")) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|e| e.to_str()),
+            ) {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 texts.insert(stem.to_string(), markdown(&text));
             }
         }
@@ -178,7 +192,11 @@ impl StageKind for Report {
             "trainings": trainings,
             "text": texts,
         });
-        let html = render(&ctx.repo_path("paper/templates"), "index.html.tera", &context)?;
+        let html = render(
+            &ctx.repo_path("paper/templates"),
+            "index.html.tera",
+            &context,
+        )?;
         ctx.write_output("index.html", html.as_bytes())?;
 
         let results = json!({
@@ -200,7 +218,12 @@ impl StageKind for Report {
                 ctx.write_output(&format!("logs/{stage}.log"), &log)?;
             }
         }
-        ctx.log(format!("rendered {} claims, {} datasets, {} trainings for profile {profile}", claims.len(), datasets.len(), trainings.len()));
+        ctx.log(format!(
+            "rendered {} claims, {} datasets, {} trainings for profile {profile}",
+            claims.len(),
+            datasets.len(),
+            trainings.len()
+        ));
         Ok(Finished::Done)
     }
 }
