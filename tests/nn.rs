@@ -485,10 +485,11 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
         a.swap(col, pivot);
         let p = a[col][col];
         total += p.abs().ln();
-        for row in col + 1..n {
-            let factor = a[row][col] / p;
-            for k in col..n {
-                a[row][k] -= factor * a[col][k];
+        let pivot_row = a[col].clone();
+        for row in a.iter_mut().skip(col + 1) {
+            let factor = row[col] / p;
+            for (entry, pivot_entry) in row.iter_mut().zip(&pivot_row).skip(col) {
+                *entry -= factor * pivot_entry;
             }
         }
     }

@@ -19,6 +19,8 @@ pub enum ModelConfig {
     Cnn(CnnConfig),
 }
 
+// A handful of models live at a time: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Model {
     RevNet(FiRevNet),
     Cnn(SmallCnn),

@@ -31,10 +31,7 @@ pub fn matmul_left<T: Tp>(w: &T2, x: T2<T>) -> T2<T> {
 
 /// Adds a per-channel vector to `x (C·S, B)` viewed as `C` blocks of `S` rows. `v` may itself
 /// be taped (a function of parameters).
-pub fn add_per_channel<T: Tp, V: Tp>(x: T2<T>, v: T1<V>, channels: usize) -> T2<V>
-where
-    V: Merge<T>,
-{
+pub fn add_per_channel<T: Tp, V: Tp + Merge<T>>(x: T2<T>, v: T1<V>, channels: usize) -> T2<V> {
     let (rows, b) = *x.shape();
     let per = rows / channels * b;
     let x = x.reshape_like(&(channels, per));
@@ -42,10 +39,7 @@ where
 }
 
 /// Multiplies `x (C·S, B)` by a per-channel vector (itself possibly taped).
-pub fn mul_per_channel<T: Tp, V: Tp>(x: T2<T>, v: T1<V>, channels: usize) -> T2<V>
-where
-    V: Merge<T>,
-{
+pub fn mul_per_channel<T: Tp, V: Tp + Merge<T>>(x: T2<T>, v: T1<V>, channels: usize) -> T2<V> {
     let (rows, b) = *x.shape();
     let per = rows / channels * b;
     let x = x.reshape_like(&(channels, per));
