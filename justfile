@@ -10,10 +10,11 @@ reproduce profile="cpu":
     cargo run --release --quiet --bin repro -- --profile {{profile}} reproduce
     @echo "report: artifacts/report/index.html"
 
-# Run the test suite (formatting, lints, unit, integration and end-to-end tests)
+# Run the test suite (formatting, lints, CUDA type-check, unit, integration and end-to-end tests)
 test:
     cargo fmt --check
     cargo clippy --all-targets --quiet -- -D warnings
+    cargo check --features cuda,ci-check --all-targets --quiet
     cargo test
 
 # Benchmarks with their peers measured in the same run (results in artifacts/bench/)

@@ -27,6 +27,7 @@ pub struct RowGather {
     pub index: Arc<Vec<usize>>,
     pub source_rows: usize,
     /// For each source row, the output rows reading it (CSR: offsets, rows).
+    #[cfg_attr(feature = "cuda", allow(dead_code))]
     readers: Arc<(Vec<usize>, Vec<usize>)>,
     /// dfdx index with constants mapped to appended rows (CUDA path).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
