@@ -882,3 +882,48 @@ fn python_reads_our_weights_and_arrays() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_per_channel_affine_op_matches_dfdx_broadcasts_in_value_and_gradients() {
+    use repro::nn::channel::affine_per_channel;
+    use repro::nn::ops::{add_per_channel, mul_per_channel, taped};
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (c, s, b) = (3, 5, 4);
+    let x: T2 = dev.tensor_from_vec(random(&mut rng, c * s * b), (c * s, b));
+    let r: T2 = dev.tensor_from_vec(random(&mut rng, c * s * b), (c * s, b));
+    let bias = Param::new(&dev, "b", &[c], random(&mut rng, c));
+    let logs = Param::new(&dev, "s", &[c], random(&mut rng, c));
+    for k in [1.0f32, 3.0] {
+        let ours = affine_per_channel(x.leaky_trace(), Some(&bias), Some((&logs, k)), c);
+        let ours_values = ours.retaped::<NoneTape>().as_vec();
+        let ours_grads = (ours * r.clone()).sum().backward();
+
+        type Tape = OwnedTape<f32, repro::nn::Dev>;
+        let shifted = add_per_channel(x.leaky_trace(), taped::<_, Tape>(&bias.as_vector()), c);
+        let reference =
+            mul_per_channel(shifted, (taped::<_, Tape>(&logs.as_vector()) * k).exp(), c);
+        let reference_values = reference.retaped::<NoneTape>().as_vec();
+        let reference_grads = (reference * r.clone()).sum().backward();
+
+        let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+            assert!(max_abs(&a, &b) < 1e-5, "k = {k}: {what}: {a:?} vs {b:?}")
+        };
+        close(ours_values, reference_values, "values");
+        close(
+            ours_grads.get(&x).as_vec(),
+            reference_grads.get(&x).as_vec(),
+            "input gradient",
+        );
+        close(
+            ours_grads.get(&bias.value).as_vec(),
+            reference_grads.get(&bias.as_vector()).as_vec(),
+            "bias gradient",
+        );
+        close(
+            ours_grads.get(&logs.value).as_vec(),
+            reference_grads.get(&logs.as_vector()).as_vec(),
+            "log-scale gradient",
+        );
+    }
+}

@@ -15,6 +15,7 @@ use dfdx::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::channel::affine_per_channel;
 use super::ops::{add_per_channel, dropout, mul_per_channel, taped, Conv2d, RowMap};
 use super::{Dev, HasParams, Param, Tp, T1, T2};
 
@@ -94,12 +95,7 @@ impl ActNorm {
     }
 
     pub fn forward<T: Tp>(&self, x: T2<T>) -> T2<T> {
-        let x = add_per_channel(x, taped::<_, T>(&self.bias.as_vector()), self.channels);
-        mul_per_channel(
-            x,
-            taped::<_, T>(&self.logs.as_vector()).exp(),
-            self.channels,
-        )
+        affine_per_channel(x, Some(&self.bias), Some((&self.logs, 1.0)), self.channels)
     }
 
     /// log|det| per example: H·W·Σ s (the same for every example).
@@ -143,8 +139,7 @@ impl ZeroConv {
 
     pub fn forward<T: Tp>(&self, x: T2<T>, h: usize, w: usize) -> T2<T> {
         let (y, _, _) = self.conv.forward(x, h, w);
-        let scale = (taped::<_, T>(&self.logs.as_vector()) * 3.0).exp();
-        mul_per_channel(y, scale, self.conv.c_out)
+        affine_per_channel(y, None, Some((&self.logs, 3.0)), self.conv.c_out)
     }
 }
 

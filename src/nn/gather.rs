@@ -121,8 +121,9 @@ impl RowGather {
             let readers = self.readers.clone();
             let source_rows = self.source_rows;
             tape.add_backward_op(move |grads| {
-                grads.try_alloc_for(&output)?;
-                let upstream: Vec<f32> = grads.get(&output).as_vec();
+                // Our output's gradient is complete when this op runs and nothing reads it
+                // after us: take its buffer instead of copying it.
+                let upstream: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&output)?);
                 let grad = grads.get_or_alloc_mut(&input)?;
                 let (offsets, rows) = &*readers;
                 grad[..source_rows * b]

@@ -19,6 +19,7 @@
 //! All randomness (init, dropout masks, shuffling) comes from seeded ChaCha generators owned by
 //! the caller, never from the device, so a run can resume mid-way and give the same bytes.
 
+pub mod channel;
 pub mod cnn;
 pub mod flow;
 pub mod gather;

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use dfdx::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
+use super::channel::affine_per_channel;
 use super::gather::{RowGather, ONE_ROW, ZERO_ROW};
 use super::{Dev, HasParams, Param, Tp, T1, T2};
 
@@ -256,9 +257,10 @@ impl Conv2d {
         if self.kernel == 1 && self.stride == 1 && self.pad == 0 {
             // A 1×1 conv is a plain matmul on the (C, h·w·B) view.
             let y = matmul_left(&self.weight.value, x.reshape_like(&(self.c_in, h * w * b)));
-            let y = add_per_channel(
+            let y = affine_per_channel(
                 y.reshape_like(&(self.c_out * h * w, b)),
-                taped::<_, T>(&self.bias.as_vector()),
+                Some(&self.bias),
+                None,
                 self.c_out,
             );
             return (y, h, w);
@@ -277,7 +279,7 @@ impl Conv2d {
             let summed = taps
                 .reshape_like(&(self.c_out * oh * ow, kk, b))
                 .sum::<(usize, usize), Axis<1>>();
-            let y = add_per_channel(summed, taped::<_, T>(&self.bias.as_vector()), self.c_out);
+            let y = affine_per_channel(summed, Some(&self.bias), None, self.c_out);
             (y, oh, ow)
         } else {
             let cols = gather
@@ -334,7 +336,7 @@ impl Linear {
     pub fn forward<T: Tp>(&self, x: T2<T>) -> T2<T> {
         let y = matmul_left(&self.weight.value, x);
         let rows = self.weight.shape[0];
-        add_per_channel(y, taped::<_, T>(&self.bias.as_vector()), rows)
+        affine_per_channel(y, Some(&self.bias), None, rows)
     }
 }
 
