@@ -58,6 +58,7 @@ fn ours(workload: &str) -> f64 {
                 dropout: 0.1,
                 classes: 10,
                 permutation_seed: 0,
+                logit_batchnorm: false,
             };
             let mut model = FiRevNet::new(&dev, config, &mut rng);
             let x: T2 = dev.tensor_from_vec(

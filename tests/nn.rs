@@ -273,6 +273,7 @@ fn config(
         dropout: 0.1,
         classes: 10,
         permutation_seed: 0,
+        logit_batchnorm: false,
     }
 }
 

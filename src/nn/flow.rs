@@ -52,6 +52,96 @@ pub struct RevNetConfig {
     pub classes: usize,
     /// Seed of the channel shuffle (when `permutation = shuffle`).
     pub permutation_seed: u64,
+    /// BatchNorm on the logits before the softmax (the authors' code; not in the paper).
+    #[serde(default)]
+    pub logit_batchnorm: bool,
+}
+
+/// BatchNorm on the logits z_s (paper-notes § 2: in the authors' code, not in the paper).
+/// Training normalises with the batch's statistics; evaluation with running averages
+/// (momentum 0.1, unbiased variance, eps 1e-5, as PyTorch's `BatchNorm1d`). It acts after
+/// z_s, so metamers, which keep z_s, keep the scores too.
+pub struct LogitBatchNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub running_mean: Param,
+    pub running_var: Param,
+}
+
+const BN_EPS: f32 = 1e-5;
+const BN_MOMENTUM: f32 = 0.1;
+
+impl LogitBatchNorm {
+    fn new(dev: &Dev, classes: usize) -> LogitBatchNorm {
+        LogitBatchNorm {
+            weight: Param::new(dev, "logit_bn.weight", &[classes], vec![1.0; classes]),
+            bias: Param::zeros(dev, "logit_bn.bias", &[classes]),
+            running_mean: Param::zeros(dev, "logit_bn.running_mean", &[classes]),
+            running_var: Param::new(dev, "logit_bn.running_var", &[classes], vec![1.0; classes]),
+        }
+    }
+
+    /// Training mode: scores, and the batch mean and unbiased variance per class.
+    pub fn forward_train<T: Tp>(&self, z: T2<T>) -> (T2<T>, Vec<f32>, Vec<f32>) {
+        let (k, b) = *z.shape();
+        let mean = z.with_empty_tape().mean::<(usize,), Axis<1>>();
+        let mean_values = mean.retaped::<NoneTape>().as_vec();
+        let centered = z - mean.broadcast_like::<_, Axis<1>>(&(k, b));
+        let var = centered
+            .with_empty_tape()
+            .square()
+            .mean::<(usize,), Axis<1>>();
+        let unbiased = var
+            .retaped::<NoneTape>()
+            .as_vec()
+            .iter()
+            .map(|v| v * b as f32 / (b as f32 - 1.0).max(1.0))
+            .collect();
+        let normalised = centered / (var + BN_EPS).sqrt().broadcast_like::<_, Axis<1>>(&(k, b));
+        let scaled = taped::<_, T>(&self.weight.as_vector()).broadcast_like::<_, Axis<1>>(&(k, b))
+            * normalised;
+        (
+            taped::<_, T>(&self.bias.as_vector()).broadcast_like::<_, Axis<1>>(&(k, b)) + scaled,
+            mean_values,
+            unbiased,
+        )
+    }
+
+    /// Evaluation mode: running statistics.
+    pub fn forward_eval(&self, z: T2) -> T2 {
+        let k = z.shape().0;
+        let dev = z.device().clone();
+        let (rm, rv) = (
+            self.running_mean.value.as_vec(),
+            self.running_var.value.as_vec(),
+        );
+        let (w, bias) = (self.weight.value.as_vec(), self.bias.value.as_vec());
+        let scale: Vec<f32> = (0..k).map(|c| w[c] / (rv[c] + BN_EPS).sqrt()).collect();
+        let shift: Vec<f32> = (0..k).map(|c| bias[c] - rm[c] * scale[c]).collect();
+        let scale: T1 = dev.tensor_from_vec(scale, (k,));
+        let shift: T1 = dev.tensor_from_vec(shift, (k,));
+        add_per_channel(mul_per_channel(z, scale, k), shift, k)
+    }
+
+    /// Moves the running statistics towards a batch's.
+    pub fn update(&mut self, mean: &[f32], var: &[f32]) {
+        let dev = self.running_mean.value.device().clone();
+        let blend = |old: &Param, new: &[f32]| -> Vec<f32> {
+            old.value
+                .as_vec()
+                .iter()
+                .zip(new)
+                .map(|(o, n)| (1.0 - BN_MOMENTUM) * o + BN_MOMENTUM * n)
+                .collect()
+        };
+        let (m, v) = (
+            blend(&self.running_mean, mean),
+            blend(&self.running_var, var),
+        );
+        let k = m.len();
+        self.running_mean = Param::new(&dev, "logit_bn.running_mean", &[k], m);
+        self.running_var = Param::new(&dev, "logit_bn.running_var", &[k], v);
+    }
 }
 
 /// ActNorm: `y = (x + b)·exp(s)` per channel; log|det| = H·W·Σ s. Data-dependent init gives
@@ -408,6 +498,7 @@ pub struct FlowOutput<T> {
 pub struct FiRevNet {
     pub config: RevNetConfig,
     pub levels: Vec<Level>,
+    pub logit_bn: Option<LogitBatchNorm>,
     logit_rows: RowMap,
     nuisance_rows: RowMap,
 }
@@ -493,7 +584,11 @@ impl FiRevNet {
         let logit_source: Vec<usize> = (0..config.classes).map(|k| k * s * s + centre).collect();
         let dims = config.in_channels * config.size * config.size;
         let nuisance_source: Vec<usize> = (0..dims).filter(|r| !logit_source.contains(r)).collect();
+        let logit_bn = config
+            .logit_batchnorm
+            .then(|| LogitBatchNorm::new(dev, config.classes));
         FiRevNet {
+            logit_bn,
             logit_rows: RowMap::selecting(dev, logit_source, dims),
             nuisance_rows: RowMap::selecting(dev, nuisance_source, dims),
             config,
@@ -514,6 +609,15 @@ impl FiRevNet {
     /// The logits `z_s (classes, B)` of a latent.
     pub fn logits<T: Tp>(&self, z: T2<T>) -> T2<T> {
         self.logit_rows.apply(z)
+    }
+
+    /// Class scores in evaluation mode: the logits, through the logit BatchNorm if any.
+    pub fn scores(&self, z: T2) -> T2 {
+        let logits = self.logits(z);
+        match &self.logit_bn {
+            Some(bn) => bn.forward_eval(logits),
+            None => logits,
+        }
     }
 
     /// The nuisance view `z_n (D − classes, B)`: every latent row except the logits.
@@ -611,6 +715,22 @@ impl HasParams for FiRevNet {
                 split.visit(f);
             }
         }
+        if let Some(bn) = &self.logit_bn {
+            f(&bn.weight);
+            f(&bn.bias);
+        }
+    }
+    fn visit_buffers<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        if let Some(bn) = &self.logit_bn {
+            f(&bn.running_mean);
+            f(&bn.running_var);
+        }
+    }
+    fn visit_buffers_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        if let Some(bn) = &mut self.logit_bn {
+            f(&mut bn.running_mean);
+            f(&mut bn.running_var);
+        }
     }
     fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
         for level in &mut self.levels {
@@ -620,6 +740,10 @@ impl HasParams for FiRevNet {
             if let Some(split) = &mut level.split {
                 split.visit_mut(f);
             }
+        }
+        if let Some(bn) = &mut self.logit_bn {
+            f(&mut bn.weight);
+            f(&mut bn.bias);
         }
     }
 }

@@ -68,12 +68,12 @@ pub fn metadata(bytes: &[u8]) -> Result<HashMap<String, String>> {
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
-/// Fills every parameter of `model` from `bytes`, checking names, shapes and dtypes.
+/// Fills every parameter and buffer of `model` from `bytes`, checking names, shapes, dtypes.
 pub fn load_into(dev: &Dev, model: &mut impl HasParams, bytes: &[u8]) -> Result<()> {
     let tensors = SafeTensors::deserialize(bytes).context("not a safetensors file")?;
     let mut error = None;
     let mut seen = 0;
-    model.visit_mut(&mut |p| {
+    let mut fill = |p: &mut Param| {
         if error.is_some() {
             return;
         }
@@ -106,7 +106,9 @@ pub fn load_into(dev: &Dev, model: &mut impl HasParams, bytes: &[u8]) -> Result<
             error = Some(e);
         }
         seen += 1;
-    });
+    };
+    model.visit_mut(&mut fill);
+    model.visit_buffers_mut(&mut fill);
     if let Some(e) = error {
         return Err(e);
     }

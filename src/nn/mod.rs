@@ -127,9 +127,21 @@ pub trait HasParams {
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param));
     fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Param));
 
+    /// Saved state that is not trained (running statistics): in weights files and
+    /// checkpoints, never given to the optimiser.
+    fn visit_buffers<'a>(&'a self, _f: &mut dyn FnMut(&'a Param)) {}
+    fn visit_buffers_mut(&mut self, _f: &mut dyn FnMut(&mut Param)) {}
+
     fn params(&self) -> Vec<&Param> {
         let mut out = Vec::new();
         self.visit(&mut |p| out.push(p));
+        out
+    }
+
+    /// Parameters then buffers: everything a weights file holds.
+    fn state(&self) -> Vec<&Param> {
+        let mut out = self.params();
+        self.visit_buffers(&mut |p| out.push(p));
         out
     }
 

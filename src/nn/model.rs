@@ -53,7 +53,7 @@ impl Model {
     pub fn to_safetensors(&self, mut metadata: HashMap<String, String>) -> Result<Vec<u8>> {
         metadata.insert("config".into(), serde_json::to_string(&self.config())?);
         metadata.insert("format".into(), "pt".into());
-        io::save(&self.params(), metadata)
+        io::save(&self.state(), metadata)
     }
 
     /// Rebuilds a model from a weights file alone.
@@ -74,7 +74,7 @@ impl Model {
     /// z_s of a fi-RevNet, the head of a CNN.
     pub fn logits(&self, x: T2) -> T2 {
         match self {
-            Model::RevNet(m) => m.logits(m.forward(x, None).z),
+            Model::RevNet(m) => m.scores(m.forward(x, None).z),
             Model::Cnn(m) => m.forward(x),
         }
     }
@@ -99,6 +99,16 @@ impl HasParams for Model {
         match self {
             Model::RevNet(m) => m.visit_mut(f),
             Model::Cnn(m) => m.visit_mut(f),
+        }
+    }
+    fn visit_buffers<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        if let Model::RevNet(m) = self {
+            m.visit_buffers(f);
+        }
+    }
+    fn visit_buffers_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        if let Model::RevNet(m) = self {
+            m.visit_buffers_mut(f);
         }
     }
 }

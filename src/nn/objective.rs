@@ -15,12 +15,14 @@ use super::ops::{argmax_rows, cross_entropy};
 use super::{Grads, T2};
 
 /// What one training step measured.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct StepStats {
     pub loss: f32,
     pub ce: f32,
     pub nll_bits_per_dim: f32,
     pub errors: usize,
+    /// Batch mean and unbiased variance of the logits, when a logit BatchNorm is trained.
+    pub logit_batch: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// ln 128 · D: the discrete-density correction for x = 2u − 1 with 256 bins per unit.
@@ -40,8 +42,15 @@ pub fn revnet_ce_step(
     let b = labels.len() as f32;
     let out = model.forward(x.leaky_traced(), dropout);
     let logits = model.logits(out.z);
-    let predictions = argmax_rows(&logits.retaped::<NoneTape>());
-    let ce = cross_entropy(logits, labels);
+    let (scores, logit_batch) = match &model.logit_bn {
+        Some(bn) => {
+            let (scores, mean, var) = bn.forward_train(logits);
+            (scores, Some((mean, var)))
+        }
+        None => (logits, None),
+    };
+    let predictions = argmax_rows(&scores.retaped::<NoneTape>());
+    let ce = cross_entropy(scores, labels);
     // Bits per dimension, batch mean: (−(log p + log det) + D ln 128) / (D ln 2).
     let nll = ((out.logp + out.logdet).sum::<(), _>() * (-1.0 / b) + dequantisation_constant(dims))
         * (1.0 / (dims as f32 * std::f32::consts::LN_2));
@@ -54,6 +63,7 @@ pub fn revnet_ce_step(
             .filter(|(p, y)| p != y)
             .count(),
         loss: 0.0,
+        logit_batch,
     };
     let loss = ce + nll * nll_weight;
     let stats = StepStats {
@@ -81,6 +91,7 @@ pub fn cnn_step(model: &SmallCnn, x: T2, labels: &[u8]) -> (Grads, StepStats) {
             ce: value,
             nll_bits_per_dim: 0.0,
             errors,
+            logit_batch: None,
         },
     )
 }
@@ -88,7 +99,7 @@ pub fn cnn_step(model: &SmallCnn, x: T2, labels: &[u8]) -> (Grads, StepStats) {
 /// Predicted classes for a batch (evaluation mode).
 pub fn revnet_predict(model: &FiRevNet, x: T2) -> Vec<u8> {
     let out = model.forward(x, None);
-    argmax_rows(&model.logits(out.z))
+    argmax_rows(&model.scores(out.z))
 }
 
 pub fn cnn_predict(model: &SmallCnn, x: T2) -> Vec<u8> {

@@ -170,6 +170,12 @@ impl Trainer {
             };
             self.optimizer.update(&mut self.model, &grads, lr);
             drop(grads);
+            if let (Model::RevNet(m), Some((mean, var))) = (&mut self.model, &stats.logit_batch) {
+                m.logit_bn
+                    .as_mut()
+                    .expect("batch statistics come from a logit BatchNorm")
+                    .update(mean, var);
+            }
             // Tensors built from our own buffers enter dfdx's allocation cache when dropped but
             // are never taken from it again: empty it every step or it grows without bound.
             dev.empty_cache();
@@ -209,7 +215,7 @@ impl Trainer {
 
     /// Weights, optimiser state and history in one safetensors file.
     pub fn checkpoint(&self) -> Result<Vec<u8>> {
-        let mut params = self.model.params();
+        let mut params = self.model.state();
         params.extend(self.optimizer.params());
         let mut meta = HashMap::new();
         meta.insert(
@@ -238,6 +244,9 @@ impl Trainer {
             fn visit_mut(&mut self, f: &mut dyn FnMut(&mut super::Param)) {
                 self.0.visit_mut(f);
                 self.1.visit_mut(f);
+            }
+            fn visit_buffers_mut(&mut self, f: &mut dyn FnMut(&mut super::Param)) {
+                self.0.visit_buffers_mut(f);
             }
         }
         io::load_into(dev, &mut Both(&mut self.model, &mut self.optimizer), bytes)?;

@@ -65,6 +65,7 @@ fn model_config(ctx: &StageContext) -> Result<ModelConfig> {
             dropout: ctx.param_float("dropout")? as f32,
             classes: 10,
             permutation_seed: ctx.seed(),
+            logit_batchnorm: ctx.param_bool("logit_batchnorm")?,
         }),
         "cnn" => ModelConfig::Cnn(CnnConfig {
             width: usize_param(ctx, "width")?,
