@@ -75,3 +75,27 @@ pub fn revnet_to_images(x: &T2, channels: usize) -> Vec<u8> {
     }
     out
 }
+
+/// fi-RevNet inputs `(channels·32·32, B)` in [−1, 1] → CNN inputs `(28·28, B)` in [0, 1]:
+/// the digit channel, cropped to the central 28×28 and clamped to the valid range (a metamer
+/// may leave it; the oracle judges the image it would be).
+pub fn revnet_to_cnn(x: &T2, channels: usize) -> T2 {
+    let (_, b) = *x.shape();
+    let values = x.as_vec();
+    let mut out = vec![0.0f32; SIDE * SIDE * b];
+    for y in 0..SIDE {
+        for c in 0..SIDE {
+            let src = ((channels - 1) * PADDED * PADDED + (y + 2) * PADDED + c + 2) * b;
+            let dst = (y * SIDE + c) * b;
+            for n in 0..b {
+                out[dst + n] = ((values[src + n] + 1.0) / 2.0).clamp(0.0, 1.0);
+            }
+        }
+    }
+    x.device().tensor_from_vec(out, (SIDE * SIDE, b))
+}
+
+/// Column `n` of a `(28·28, B)` CNN input as an image (row-major 28×28).
+pub fn column_image(x: &[f32], b: usize, n: usize) -> Vec<f32> {
+    (0..SIDE * SIDE).map(|r| x[r * b + n]).collect()
+}

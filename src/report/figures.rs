@@ -152,3 +152,39 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+/// A grey-scale image grid as PNG: rows of equally sized tiles (values in [0, 1], clamped;
+/// white digit on black, as MNIST), one grey pixel of separation, `scale`× nearest-neighbour
+/// enlargement. Deterministic.
+pub fn image_grid_png(rows: &[Vec<&[f32]>], side: usize, scale: usize) -> anyhow::Result<Vec<u8>> {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let tile = side * scale + 2;
+    let (width, height) = (cols * tile, rows.len() * tile);
+    let mut pixels = vec![128u8; width * height];
+    for (r, row) in rows.iter().enumerate() {
+        for (c, image) in row.iter().enumerate() {
+            anyhow::ensure!(
+                image.len() == side * side,
+                "tile of {} values, expected {}",
+                image.len(),
+                side * side
+            );
+            for y in 0..side * scale {
+                for x in 0..side * scale {
+                    let v = image[(y / scale) * side + x / scale].clamp(0.0, 1.0);
+                    pixels[(r * tile + 1 + y) * width + c * tile + 1 + x] =
+                        (v * 255.0).round() as u8;
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, width as u32, height as u32);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header()?;
+        writer.write_image_data(&pixels)?;
+    }
+    Ok(out)
+}

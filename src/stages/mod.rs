@@ -8,6 +8,7 @@
 pub mod ensemble;
 pub mod evaluate;
 pub mod fashion_mnist;
+pub mod metamers;
 pub mod mnist;
 pub mod report;
 pub mod train;
@@ -35,5 +36,6 @@ pub fn registry() -> Registry {
         .with(train::Train)
         .with(evaluate::Evaluate)
         .with(ensemble::Ensemble)
+        .with(metamers::Metamers)
         .with(report::Report)
 }

@@ -7,7 +7,8 @@
 //! fingerprint, device, wall time, log). Claims no stage measures yet say "not run".
 //! Inputs: every upstream stage declared in pipeline.toml, recognised by what it publishes
 //! (`summary.json` a dataset, `evaluation.json` / `ensemble.json` an accuracy row,
-//! `metrics.json` + `curve.svg` a training run), plus the repository files
+//! `metrics.json` + `curve.svg` a training run, `metamers.json` + `triplets.png` a Fig. 4
+//! set), plus the repository files
 //! `paper/templates/`, `paper/text/`, `paper/claims.toml` (claims and their rules) and
 //! `paper/tables.toml` (which stage fills which table row, and the paper's numbers).
 //! Outputs: `index.html`, `results.json` (profile, every published number, every claim's
@@ -25,6 +26,16 @@ use crate::engine::{Finished, Manifest, StageContext, StageKind};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
 
 pub struct Report;
+
+/// Two decimals for percentages and the like; scientific notation for tiny numbers (float
+/// errors), so that 4.8e-7 does not print as 0.00.
+fn number(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.2}")
+    }
+}
 
 fn provenance(manifest: &Manifest) -> Provenance {
     let fields = &manifest.key_fields;
@@ -95,6 +106,7 @@ impl StageKind for Report {
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut datasets = Vec::new();
         let mut trainings = Vec::new();
+        let mut metamer_sets = Vec::new();
         for stage in &upstream {
             let names: Vec<String> = ctx
                 .input_names(stage)
@@ -104,7 +116,7 @@ impl StageKind for Report {
             if names.iter().any(|n| n == "summary.json") || !ctx.has_input(stage) {
                 datasets.push(dataset_entry(ctx, stage)?);
             }
-            for file in ["evaluation.json", "ensemble.json"] {
+            for file in ["evaluation.json", "ensemble.json", "metamers.json"] {
                 if names.iter().any(|n| n == file) {
                     let value: Value = serde_json::from_slice(&ctx.input(stage, file)?)
                         .with_context(|| format!("{file} of stage {stage}"))?;
@@ -114,6 +126,38 @@ impl StageKind for Report {
                         }
                     }
                 }
+            }
+            if names.iter().any(|n| n == "metamers.json") {
+                let value: Value = serde_json::from_slice(&ctx.input(stage, "metamers.json")?)
+                    .with_context(|| format!("metamers.json of stage {stage}"))?;
+                let grid = if names.iter().any(|n| n == "triplets.png") {
+                    let file = format!("figures/{stage}_triplets.png");
+                    ctx.write_output(&file, &ctx.input(stage, "triplets.png")?)?;
+                    file
+                } else {
+                    String::new()
+                };
+                let manifest = ctx
+                    .upstream_manifest(stage)
+                    .expect("an input that was read has a manifest");
+                let pct = |field: &str| {
+                    value[field]
+                        .as_f64()
+                        .map_or("—".to_string(), |v| format!("{:.1}", 100.0 * v))
+                };
+                let sci = |field: &str| {
+                    value[field]
+                        .as_f64()
+                        .map_or("—".to_string(), |v| format!("{v:.2e}"))
+                };
+                metamer_sets.push(json!({
+                    "stage": stage, "pairs": value["pairs"], "grid": grid,
+                    "max_logit_diff": sci("max_logit_diff"), "reconstruction_data": sci("reconstruction_data"),
+                    "reconstruction_metamer": sci("reconstruction_metamer"),
+                    "like_logit_source": pct("oracle_agrees_with_logit_source"),
+                    "like_nuisance_source": pct("oracle_agrees_with_nuisance_source"),
+                    "provenance": provenance(manifest),
+                }));
             }
             if names.iter().any(|n| n == "metrics.json") {
                 let value: Value = serde_json::from_slice(&ctx.input(stage, "metrics.json")?)
@@ -162,7 +206,7 @@ impl StageKind for Report {
                 json!({
                     "id": c.id, "statement": c.statement, "paper_value": c.paper_value,
                     "tolerance": c.tolerance, "profiles": c.profiles.join(", "), "source": c.source,
-                    "ours": ours.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "ours": ours.map(number).unwrap_or_else(|| "—".into()),
                     "verdict": verdict, "note": note,
                 })
             })
@@ -190,6 +234,7 @@ impl StageKind for Report {
             "datasets": datasets,
             "accuracy": accuracy,
             "trainings": trainings,
+            "metamers": metamer_sets,
             "text": texts,
         });
         let html = render(
