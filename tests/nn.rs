@@ -928,3 +928,59 @@ fn the_per_channel_affine_op_matches_dfdx_broadcasts_in_value_and_gradients() {
         );
     }
 }
+
+#[test]
+fn metamers_carry_the_logit_sources_logits_and_the_nuisance_sources_rest() {
+    use repro::nn::metamer::metameric_sample;
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let digits = real_digits(1);
+    let mut model = FiRevNet::new(
+        &dev,
+        config(
+            1,
+            32,
+            3,
+            2,
+            16,
+            CouplingKind::Additive,
+            Permutation::Reverse,
+        ),
+        &mut rng,
+    );
+    model.init(digits.clone());
+    perturb(&mut model, &mut rng, 0.05);
+    // A = the first eight digits, B = the last eight.
+    let all = digits.as_vec();
+    let half = |offset: usize| -> T2 {
+        let values: Vec<f32> = (0..1024)
+            .flat_map(|r| all[r * 16 + offset..r * 16 + offset + 8].to_vec())
+            .collect();
+        dev.tensor_from_vec(values, (1024, 8))
+    };
+    let (xa, xb) = (half(0), half(8));
+    let m = metameric_sample(&model, &xa, &xb);
+    assert!(
+        m.max_logit_diff <= 1e-4,
+        "metamer logits differ from A's by {}",
+        m.max_logit_diff
+    );
+    assert!(
+        m.reconstruction_data < 1e-4 && m.reconstruction_metamer < 1e-4,
+        "{} {}",
+        m.reconstruction_data,
+        m.reconstruction_metamer
+    );
+    // Everything but the logits is B's.
+    let z_met = model.nuisance(model.forward(m.x.clone(), None).z).as_vec();
+    let z_b = model.nuisance(model.forward(xb.clone(), None).z).as_vec();
+    assert!(
+        max_abs(&z_met, &z_b) < 1e-3,
+        "nuisance of the metamer vs B: {}",
+        max_abs(&z_met, &z_b)
+    );
+    // And it is not simply A or B.
+    assert!(
+        max_abs(&m.x.as_vec(), &xa.as_vec()) > 0.1 && max_abs(&m.x.as_vec(), &xb.as_vec()) > 1e-3
+    );
+}
