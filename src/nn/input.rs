@@ -59,23 +59,6 @@ pub fn cnn_input(dev: &Dev, images: &[u8], batch: &[usize]) -> T2 {
     dev.tensor_from_vec(x, (SIDE * SIDE, b))
 }
 
-/// Turns `(D, B)` values in [−1, 1] back into 28×28 u8 images (for figures).
-pub fn revnet_to_images(x: &T2, channels: usize) -> Vec<u8> {
-    let (_, b) = *x.shape();
-    let values = x.as_vec();
-    let mut out = vec![0u8; b * SIDE * SIDE];
-    for col in 0..b {
-        for y in 0..SIDE {
-            for c in 0..SIDE {
-                let row = (channels - 1) * PADDED * PADDED + (y + 2) * PADDED + c + 2;
-                let u = (values[row * b + col] + 1.0) / 2.0 * 256.0;
-                out[col * SIDE * SIDE + y * SIDE + c] = u.floor().clamp(0.0, 255.0) as u8;
-            }
-        }
-    }
-    out
-}
-
 /// fi-RevNet inputs `(channels·32·32, B)` in [−1, 1] → CNN inputs `(28·28, B)` in [0, 1]:
 /// the digit channel, cropped to the central 28×28 and clamped to the valid range (a metamer
 /// may leave it; the oracle judges the image it would be).

@@ -105,8 +105,3 @@ pub fn revnet_predict(model: &FiRevNet, x: T2) -> Vec<u8> {
 pub fn cnn_predict(model: &SmallCnn, x: T2) -> Vec<u8> {
     argmax_rows(&model.forward(x))
 }
-
-/// Class scores (logits) of a CNN, `(classes, B)`.
-pub fn cnn_logits(model: &SmallCnn, x: T2) -> T2 {
-    model.forward(x)
-}

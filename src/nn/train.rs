@@ -258,8 +258,4 @@ impl Trainer {
             .parse()?;
         Ok(())
     }
-
-    pub fn kind(&self) -> OptimizerKind {
-        self.optimizer.kind
-    }
 }
