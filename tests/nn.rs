@@ -515,6 +515,7 @@ fn parameter_counts_match_the_authors_model_and_the_pytorch_peer() {
         &mut rng,
     );
     let count = paper.param_count();
+    eprintln!("paper configuration: {count} parameters");
     // paper-notes § 2: "about 2.37 M flow parameters".
     assert!(
         (2_360_000..2_380_000).contains(&count),
