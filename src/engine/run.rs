@@ -524,11 +524,7 @@ impl<'a> Engine<'a> {
                                 Some(prev) => diff_key_fields(&prev.key_fields, &fields),
                                 None => vec!["never built".to_string()],
                             };
-                            let state = if last.is_some() {
-                                State::Stale
-                            } else {
-                                State::Missing
-                            };
+                            let state = unbuilt_state(&last);
                             (
                                 StageStatus {
                                     name: stage.name.clone(),
@@ -542,11 +538,7 @@ impl<'a> Engine<'a> {
                     }
                 }
                 Err(reason) => {
-                    let state = if last.is_some() {
-                        State::Stale
-                    } else {
-                        State::Missing
-                    };
+                    let state = unbuilt_state(&last);
                     (
                         StageStatus {
                             name: stage.name.clone(),
@@ -599,6 +591,15 @@ enum BuildError {
 impl From<anyhow::Error> for BuildError {
     fn from(e: anyhow::Error) -> Self {
         BuildError::Failed(e)
+    }
+}
+
+/// A stage without a usable manifest for its current key: stale if it was ever built.
+fn unbuilt_state(last: &Option<Manifest>) -> State {
+    if last.is_some() {
+        State::Stale
+    } else {
+        State::Missing
     }
 }
 

@@ -58,6 +58,31 @@ fn provenance(manifest: &Manifest) -> Provenance {
     }
 }
 
+/// An upstream JSON output.
+fn read_json(ctx: &StageContext, stage: &str, file: &str) -> Result<Value> {
+    serde_json::from_slice(&ctx.input(stage, file)?)
+        .with_context(|| format!("{file} of stage {stage}"))
+}
+
+/// Copies an upstream figure into the report as `figures/<stage>_<file>`; returns its link, or
+/// an empty string when the stage did not publish (or declare) it.
+fn copy_figure(ctx: &mut StageContext, stage: &str, file: &str) -> Result<String> {
+    if !ctx.input_names(stage).contains(&file) {
+        return Ok(String::new());
+    }
+    let link = format!("figures/{stage}_{file}");
+    let bytes = ctx.input(stage, file)?;
+    ctx.write_output(&link, &bytes)?;
+    Ok(link)
+}
+
+fn upstream_provenance(ctx: &StageContext, stage: &str) -> Provenance {
+    provenance(
+        ctx.upstream_manifest(stage)
+            .expect("an input that was read has a manifest"),
+    )
+}
+
 /// One dataset row: sizes, class counts, content hashes, source, provenance.
 fn dataset_entry(ctx: &StageContext, stage: &str) -> Result<Value> {
     let Some(manifest) = ctx.upstream_manifest(stage) else {
@@ -116,30 +141,22 @@ impl StageKind for Report {
             if names.iter().any(|n| n == "summary.json") || !ctx.has_input(stage) {
                 datasets.push(dataset_entry(ctx, stage)?);
             }
+            let has = |name: &str| names.iter().any(|n| n == name);
             for file in ["evaluation.json", "ensemble.json", "metamers.json"] {
-                if names.iter().any(|n| n == file) {
-                    let value: Value = serde_json::from_slice(&ctx.input(stage, file)?)
-                        .with_context(|| format!("{file} of stage {stage}"))?;
-                    for (field, v) in value.as_object().into_iter().flatten() {
+                if has(file) {
+                    for (field, v) in read_json(ctx, stage, file)?
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                    {
                         if let Some(x) = v.as_f64() {
                             metrics.insert(format!("{stage}.{field}"), x);
                         }
                     }
                 }
             }
-            if names.iter().any(|n| n == "metamers.json") {
-                let value: Value = serde_json::from_slice(&ctx.input(stage, "metamers.json")?)
-                    .with_context(|| format!("metamers.json of stage {stage}"))?;
-                let grid = if names.iter().any(|n| n == "triplets.png") {
-                    let file = format!("figures/{stage}_triplets.png");
-                    ctx.write_output(&file, &ctx.input(stage, "triplets.png")?)?;
-                    file
-                } else {
-                    String::new()
-                };
-                let manifest = ctx
-                    .upstream_manifest(stage)
-                    .expect("an input that was read has a manifest");
+            if has("metamers.json") {
+                let value = read_json(ctx, stage, "metamers.json")?;
                 let pct = |field: &str| {
                     value[field]
                         .as_f64()
@@ -151,30 +168,20 @@ impl StageKind for Report {
                         .map_or("—".to_string(), |v| format!("{v:.2e}"))
                 };
                 metamer_sets.push(json!({
-                    "stage": stage, "pairs": value["pairs"], "grid": grid,
+                    "stage": stage, "pairs": value["pairs"], "grid": copy_figure(ctx, stage, "triplets.png")?,
                     "max_logit_diff": sci("max_logit_diff"), "reconstruction_data": sci("reconstruction_data"),
                     "reconstruction_metamer": sci("reconstruction_metamer"),
                     "like_logit_source": pct("oracle_agrees_with_logit_source"),
                     "like_nuisance_source": pct("oracle_agrees_with_nuisance_source"),
-                    "provenance": provenance(manifest),
+                    "provenance": upstream_provenance(ctx, stage),
                 }));
             }
-            if names.iter().any(|n| n == "metrics.json") {
-                let value: Value = serde_json::from_slice(&ctx.input(stage, "metrics.json")?)
-                    .with_context(|| format!("metrics.json of stage {stage}"))?;
-                let curve = if names.iter().any(|n| n == "curve.svg") {
-                    let file = format!("figures/{stage}_curve.svg");
-                    ctx.write_output(&file, &ctx.input(stage, "curve.svg")?)?;
-                    file
-                } else {
-                    String::new()
-                };
-                let manifest = ctx
-                    .upstream_manifest(stage)
-                    .expect("an input that was read has a manifest");
+            if has("metrics.json") {
+                let value = read_json(ctx, stage, "metrics.json")?;
                 trainings.push(json!({
                     "stage": stage, "model": value["model"], "objective": value["objective"], "settings": value["settings"],
-                    "parameters": value["parameters"], "history": value["history"], "curve": curve, "provenance": provenance(manifest),
+                    "parameters": value["parameters"], "history": value["history"],
+                    "curve": copy_figure(ctx, stage, "curve.svg")?, "provenance": upstream_provenance(ctx, stage),
                 }));
             }
         }
