@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::data::Arrays;
 use crate::engine::{Finished, StageContext, StageKind};
 use crate::nn::device;
+use dfdx::prelude::Cache;
 use crate::nn::model::{ensemble_predict, Model};
 use crate::nn::train::{error_rate, input_for};
 
@@ -71,6 +72,9 @@ impl StageKind for Ensemble {
                 .zip(&batch)
                 .filter(|(p, &i)| **p != data.test_labels[i])
                 .count();
+            // Tensors built from our own buffers are never reused from dfdx's cache: without
+            // this the cache grows by every batch (an OOM on the full test set).
+            dev.empty_cache();
         }
         let ensemble_error = 100.0 * wrong as f64 / n.max(1) as f64;
         ctx.log(format!(
