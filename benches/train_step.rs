@@ -20,6 +20,11 @@ use repro::nn::optim::{Optimizer, OptimizerKind};
 use repro::nn::{device, rng_for, T2};
 use serde_json::{json, Value};
 
+// The same allocator as the `repro` binary (see src/main.rs): without it, page faults on the
+// large per-step buffers cost more than the arithmetic.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 128;
 const WARMUP: usize = 3;
 const ITERS: usize = 10;

@@ -11,6 +11,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+// Training allocates and frees buffers of tens of MB every step; glibc returns those to the
+// kernel (they are above its mmap threshold), and the page faults to get them back cost more
+// than the arithmetic. mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use repro::engine::{
     maintain, pipeline, ConfigError, Engine, Outcome, Pipeline, RunOptions, RunRecord, Store,
 };

@@ -17,9 +17,9 @@ use serde_json::json;
 use crate::data::Arrays;
 use crate::engine::{Finished, StageContext, StageKind};
 use crate::nn::device;
-use dfdx::prelude::Cache;
 use crate::nn::model::{ensemble_predict, Model};
 use crate::nn::train::{error_rate, input_for};
+use dfdx::prelude::Cache;
 
 pub struct Ensemble;
 
