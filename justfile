@@ -14,7 +14,7 @@ reproduce profile="cpu":
 test:
     cargo fmt --check
     cargo clippy --all-targets --quiet -- -D warnings
-    cargo check --features cuda,ci-check --all-targets --quiet
+    cargo clippy --features cuda,ci-check --all-targets --quiet -- -D warnings
     cargo test
 
 # Benchmarks with their peers measured in the same run (results in artifacts/bench/)

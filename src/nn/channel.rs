@@ -8,8 +8,6 @@
 //! these maps cost more than the convolutions (their reductions run serially). On CUDA the
 //! broadcast composition is used.
 
-use dfdx::prelude::*;
-
 use super::{Param, Tp, T2};
 
 /// `y = (x + b[c])·exp(k·s[c])` with `channels` blocks of rows; `bias` and `log_scale` are
@@ -47,6 +45,7 @@ mod imp {
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
+    use dfdx::prelude::*;
     use rayon::prelude::*;
 
     use super::*;
