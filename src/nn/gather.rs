@@ -102,11 +102,28 @@ impl RowGather {
 
     #[cfg(not(feature = "cuda"))]
     fn apply_impl<T: Tp>(&self, x: T2<T>) -> T2<T> {
-        use rayon::prelude::*;
         let (x, mut tape) = x.split_tape();
         let b = x.shape().1;
         let dev = x.device().clone();
-        let source = x.as_vec();
+        let out: T2 = dev.tensor_from_vec(self.gather_rows(&x.as_vec(), b), (self.index.len(), b));
+        if T::OWNS_TAPE {
+            let (input, output) = (x.ghost(), out.ghost());
+            let this = self.clone();
+            tape.add_backward_op(move |grads| {
+                // Our output's gradient is complete when this op runs and nothing reads it
+                // after us: take its buffer instead of copying it.
+                let upstream: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&output)?);
+                this.scatter_add(&upstream, grads.get_or_alloc_mut(&input)?, b);
+                Ok(())
+            });
+        }
+        out.put_tape(tape)
+    }
+
+    /// Forward on raw rows of width `b`: `out[i] = source[index[i]]` (or a constant row).
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn gather_rows(&self, source: &[f32], b: usize) -> Vec<f32> {
+        use rayon::prelude::*;
         let mut out = vec![0.0f32; self.index.len() * b];
         out.par_chunks_mut(b.max(1))
             .zip(self.index.par_iter())
@@ -115,32 +132,24 @@ impl RowGather {
                 ONE_ROW => row.fill(1.0),
                 s => row.copy_from_slice(&source[s * b..(s + 1) * b]),
             });
-        let out: T2 = dev.tensor_from_vec(out, (self.index.len(), b));
-        if T::OWNS_TAPE {
-            let (input, output) = (x.ghost(), out.ghost());
-            let readers = self.readers.clone();
-            let source_rows = self.source_rows;
-            tape.add_backward_op(move |grads| {
-                // Our output's gradient is complete when this op runs and nothing reads it
-                // after us: take its buffer instead of copying it.
-                let upstream: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&output)?);
-                let grad = grads.get_or_alloc_mut(&input)?;
-                let (offsets, rows) = &*readers;
-                grad[..source_rows * b]
-                    .par_chunks_mut(b.max(1))
-                    .enumerate()
-                    .for_each(|(src, g)| {
-                        for &out_row in &rows[offsets[src]..offsets[src + 1]] {
-                            for (gi, ui) in
-                                g.iter_mut().zip(&upstream[out_row * b..(out_row + 1) * b])
-                            {
-                                *gi += ui;
-                            }
-                        }
-                    });
-                Ok(())
+        out
+    }
+
+    /// Backward on raw rows: adds each output row's gradient into its source row, grouped by
+    /// source row (parallel, fixed order within a row).
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn scatter_add(&self, upstream: &[f32], grad: &mut [f32], b: usize) {
+        use rayon::prelude::*;
+        let (offsets, rows) = &*self.readers;
+        grad[..self.source_rows * b]
+            .par_chunks_mut(b.max(1))
+            .enumerate()
+            .for_each(|(src, g)| {
+                for &out_row in &rows[offsets[src]..offsets[src + 1]] {
+                    for (gi, ui) in g.iter_mut().zip(&upstream[out_row * b..(out_row + 1) * b]) {
+                        *gi += ui;
+                    }
+                }
             });
-        }
-        out.put_tape(tape)
     }
 }

@@ -25,6 +25,7 @@ pub mod flow;
 pub mod gather;
 pub mod input;
 pub mod io;
+pub mod matmul;
 pub mod metamer;
 pub mod model;
 pub mod objective;

@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::channel::affine_per_channel;
 use super::gather::{RowGather, ONE_ROW, ZERO_ROW};
+use super::matmul::{im2col_matmul, wide_matmul};
 use super::{Dev, HasParams, Param, Tp, T1, T2};
 
 /// A parameter entering a taped computation. dfdx records an op only on the tape of its left
@@ -27,7 +28,7 @@ pub fn taped<S: Shape, T: Tp>(param: &Tensor<S, f32, Dev>) -> Tensor<S, f32, Dev
 
 /// `w (O, I) × x (I, N)`.
 pub fn matmul_left<T: Tp>(w: &T2, x: T2<T>) -> T2<T> {
-    taped::<_, T>(w).matmul(x)
+    wide_matmul(taped::<_, T>(w), x)
 }
 
 /// Adds a per-channel vector to `x (C·S, B)` viewed as `C` blocks of `S` rows. `v` may itself
@@ -274,7 +275,7 @@ impl Conv2d {
                 .permute::<_, Axes3<0, 2, 1>>()
                 .contiguous()
                 .reshape_like(&(self.c_out * kk, self.c_in));
-            let y = wt.matmul(x);
+            let y = wide_matmul(wt, x);
             let taps = gather.apply(y.reshape_like(&(self.c_out * kk * h * w, b)));
             let summed = taps
                 .reshape_like(&(self.c_out * oh * ow, kk, b))
@@ -282,15 +283,12 @@ impl Conv2d {
             let y = affine_per_channel(summed, Some(&self.bias), None, self.c_out);
             (y, oh, ow)
         } else {
-            let cols = gather
-                .apply(x)
-                .reshape_like(&(self.c_in * kk + 1, oh * ow * b));
             let full = (
                 taped::<_, T>(&self.weight.value),
                 taped::<_, T>(&self.bias.value),
             )
                 .concat_along(Axis::<1>);
-            let y = full.matmul(cols);
+            let y = im2col_matmul(full, x, &gather);
             (y.reshape_like(&(self.c_out * oh * ow, b)), oh, ow)
         }
     }

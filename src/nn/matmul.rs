@@ -1,0 +1,213 @@
+//! `W (M, K) × X (K, N)` for a small parameter-side matrix W and a wide activation X, where N
+//! is pixels × batch (tens of thousands): every conv and linear layer here.
+//!
+//! dfdx computes the weight gradient dW = dY·Xᵀ as one product with an output of only M×K
+//! entries and a reduction over all N, which runs on one core. This custom op (CPU) splits N
+//! into fixed chunks of [`CHUNK`] columns and runs them in parallel: forward and
+//! dX = Wᵀ·dY chunk by chunk, dW as per-chunk partial products summed in chunk order. The
+//! chunking does not depend on the thread count, so neither do the bytes. [`im2col_matmul`]
+//! fuses a conv's im2col gather into the product, so the 9×-inflated column matrix never
+//! becomes a dfdx tensor. On CUDA both fall back to dfdx's ops.
+
+use dfdx::prelude::*;
+
+use super::gather::RowGather;
+use super::{Tp, T2};
+
+/// Columns per parallel chunk (fixed: the summation order of dW depends on it).
+pub const CHUNK: usize = 2048;
+
+/// `w × x`; `w` may carry its own tape (a function of parameters).
+pub fn wide_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>) -> T2<W> {
+    imp::wide_matmul(w, x)
+}
+
+/// `w × im2col(x)`, where im2col is `gather` viewed as a `(K, N)` matrix with
+/// K = w's columns. Returns `(M, N)`.
+pub fn im2col_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: &RowGather) -> T2<W> {
+    imp::im2col_matmul(w, x, gather)
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::*;
+
+    pub fn wide_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>) -> T2<W> {
+        w.matmul(x)
+    }
+
+    pub fn im2col_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: &RowGather) -> T2<W> {
+        let k = w.shape().1;
+        let cols = gather.apply(x);
+        let n = cols.shape().0 * cols.shape().1 / k;
+        w.matmul(cols.reshape_like(&(k, n)))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use std::sync::Arc;
+
+    use rayon::prelude::*;
+
+    use super::*;
+
+    /// A raw pointer that may cross threads: every chunk writes a disjoint set of columns.
+    #[derive(Clone, Copy)]
+    struct Shared(*mut f32);
+    unsafe impl Send for Shared {}
+    unsafe impl Sync for Shared {}
+
+    impl Shared {
+        // A method, so that closures capture the whole (Send) wrapper, not its raw field.
+        fn at(self, offset: usize) -> *mut f32 {
+            // SAFETY: callers stay inside the buffer the pointer came from.
+            unsafe { self.0.add(offset) }
+        }
+    }
+
+    fn chunks(n: usize) -> Vec<(usize, usize)> {
+        (0..n)
+            .step_by(CHUNK)
+            .map(|start| (start, (start + CHUNK).min(n)))
+            .collect()
+    }
+
+    /// `c[:, chunk] += a × b[:, chunk]` for a (m×k; or the transpose of a row-major k×m
+    /// matrix), b (k×n) and c (m×n), all row-major.
+    fn product(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        a_transposed: bool,
+        b: &[f32],
+        c: &mut [f32],
+    ) {
+        assert!(
+            a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+            "matmul buffer sizes"
+        );
+        let out = Shared(c.as_mut_ptr());
+        let (rsa, csa) = if a_transposed {
+            (1, m as isize)
+        } else {
+            (k as isize, 1)
+        };
+        chunks(n).into_par_iter().for_each(|(start, end)| {
+            // SAFETY: sizes checked above; each chunk reads and writes only columns
+            // start..end of c, a and b are only read.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    end - start,
+                    1.0,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr().add(start),
+                    n as isize,
+                    1,
+                    1.0,
+                    out.at(start),
+                    n as isize,
+                    1,
+                );
+            }
+        });
+    }
+
+    /// dW (m×k) += dY (m×n) · Xᵀ, X (k×n): per-chunk partials summed in chunk order.
+    fn weight_gradient(m: usize, k: usize, n: usize, dy: &[f32], x: &[f32], dw: &mut [f32]) {
+        assert!(
+            dy.len() >= m * n && x.len() >= k * n && dw.len() >= m * k,
+            "matmul buffer sizes"
+        );
+        let partials: Vec<Vec<f32>> = chunks(n)
+            .into_par_iter()
+            .map(|(start, end)| {
+                let mut part = vec![0.0f32; m * k];
+                // SAFETY: sizes checked above; reads columns start..end of dy and of x (read
+                // as its transpose: row stride 1, column stride n); writes a private buffer.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        end - start,
+                        k,
+                        1.0,
+                        dy.as_ptr().add(start),
+                        n as isize,
+                        1,
+                        x.as_ptr().add(start),
+                        1,
+                        n as isize,
+                        0.0,
+                        part.as_mut_ptr(),
+                        k as isize,
+                        1,
+                    );
+                }
+                part
+            })
+            .collect();
+        for part in partials {
+            for (g, p) in dw.iter_mut().zip(part) {
+                *g += p;
+            }
+        }
+    }
+
+    /// The shared custom op: `y = w × cols`, where `cols` is `x` itself or its im2col.
+    fn matmul_op<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: Option<&RowGather>) -> T2<W> {
+        let (m, k) = *w.shape();
+        let (w, w_tape) = w.split_tape();
+        let (x, x_tape) = x.split_tape();
+        let mut tape = w_tape.merge(x_tape);
+        let b = x.shape().1;
+        let cols: Arc<Vec<f32>> = Arc::new(match gather {
+            Some(g) => g.gather_rows(&x.as_vec(), b),
+            None => x.as_vec(),
+        });
+        assert_eq!(
+            cols.len() % k,
+            0,
+            "matmul: {} values do not form {k} rows",
+            cols.len()
+        );
+        let n = cols.len() / k;
+        let weights = w.as_vec();
+        let mut y = vec![0.0f32; m * n];
+        product(m, k, n, &weights, false, &cols, &mut y);
+        let out: T2 = x.device().tensor_from_vec(y, (m, n));
+        if W::OWNS_TAPE {
+            let (w_ghost, x_ghost, out_ghost) = (w.ghost(), x.ghost(), out.ghost());
+            let gather = gather.cloned();
+            tape.add_backward_op(move |grads| {
+                let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
+                weight_gradient(m, k, n, &dy, &cols, grads.get_or_alloc_mut(&w_ghost)?);
+                let dx = grads.get_or_alloc_mut(&x_ghost)?;
+                match &gather {
+                    // Through the im2col: dcols = Wᵀ·dY, then scatter back to the input rows.
+                    Some(g) => {
+                        let mut dcols = vec![0.0f32; k * n];
+                        product(k, m, n, &weights, true, &dy, &mut dcols);
+                        g.scatter_add(&dcols, dx, b);
+                    }
+                    None => product(k, m, n, &weights, true, &dy, dx),
+                }
+                Ok(())
+            });
+        }
+        out.put_tape(tape)
+    }
+
+    pub fn wide_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>) -> T2<W> {
+        assert_eq!(w.shape().1, x.shape().0, "matmul inner dimensions");
+        matmul_op(w, x, None)
+    }
+
+    pub fn im2col_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: &RowGather) -> T2<W> {
+        matmul_op(w, x, Some(gather))
+    }
+}
