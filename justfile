@@ -8,7 +8,6 @@ default:
 # Run the whole pipeline (profiles: smoke, cpu, paper) and render the report
 reproduce profile="cpu":
     cargo run --release --quiet --bin repro -- --profile {{profile}} reproduce
-    @echo "report: artifacts/report/index.html"
 
 # Run the test suite (formatting, lints, CUDA type-check, unit, integration and end-to-end tests)
 test:
