@@ -413,13 +413,12 @@ fn every_flow_layer_inverts_its_forward_to_1e_5() {
     }
 }
 
-#[test]
-fn the_network_inverts_real_digits_to_1e_5() {
-    let dev = device();
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let x = real_digits(1);
+/// A small fi-RevNet (3 levels × 2 steps, hidden 16) with its ActNorms initialised on
+/// `digits` and every parameter perturbed away from its init.
+fn revnet_on_digits(digits: &T2, seed: u64) -> FiRevNet {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut net = FiRevNet::new(
-        &dev,
+        &device(),
         config(
             1,
             32,
@@ -431,8 +430,15 @@ fn the_network_inverts_real_digits_to_1e_5() {
         ),
         &mut rng,
     );
-    net.init(x.clone());
+    net.init(digits.clone());
     perturb(&mut net, &mut rng, 0.05);
+    net
+}
+
+#[test]
+fn the_network_inverts_real_digits_to_1e_5() {
+    let x = real_digits(1);
+    let net = revnet_on_digits(&x, 5);
     let out = net.forward(x.clone(), None);
     assert_eq!(out.z.shape().0, 1024);
     let err = max_abs(&net.inverse(out.z).as_vec(), &x.as_vec());
@@ -950,23 +956,8 @@ fn the_per_channel_affine_op_matches_dfdx_broadcasts_in_value_and_gradients() {
 fn metamers_carry_the_logit_sources_logits_and_the_nuisance_sources_rest() {
     use repro::nn::metamer::metameric_sample;
     let dev = device();
-    let mut rng = ChaCha8Rng::seed_from_u64(31);
     let digits = real_digits(1);
-    let mut model = FiRevNet::new(
-        &dev,
-        config(
-            1,
-            32,
-            3,
-            2,
-            16,
-            CouplingKind::Additive,
-            Permutation::Reverse,
-        ),
-        &mut rng,
-    );
-    model.init(digits.clone());
-    perturb(&mut model, &mut rng, 0.05);
+    let model = revnet_on_digits(&digits, 31);
     // A = the first eight digits, B = the last eight.
     let all = digits.as_vec();
     let half = |offset: usize| -> T2 {

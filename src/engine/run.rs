@@ -292,7 +292,6 @@ impl<'a> Engine<'a> {
         let seconds = start.elapsed().as_secs_f64();
         let cleanup = || {
             let _ = fs::remove_dir_all(&staging);
-            let _ = fs::remove_dir_all(staging.with_extension("scratch"));
         };
         let published = match result {
             Ok(Finished::Done) => self.publish(stage, key, fields, ctx, started_utc, seconds),

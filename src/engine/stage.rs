@@ -331,13 +331,6 @@ impl StageContext<'_> {
             Err(e) => Err(e).with_context(|| format!("reading checkpoint {}", path.display())),
         }
     }
-
-    /// Scratch space private to this attempt (removed afterwards).
-    pub fn scratch_dir(&self) -> Result<PathBuf> {
-        let dir = self.staging.with_extension("scratch");
-        fs::create_dir_all(&dir)?;
-        Ok(dir)
-    }
 }
 
 /// Files under `path` (itself if a file), as paths relative to `root`, sorted.
