@@ -729,6 +729,7 @@ fn tiny_settings(epochs: usize) -> TrainSettings {
         dequantize: true,
         train_limit: 0,
         test_limit: 0,
+        ice: None,
     }
 }
 

@@ -23,10 +23,23 @@ pub struct StepStats {
     pub errors: usize,
     /// Batch mean and unbiased variance of the logits, when a logit BatchNorm is trained.
     pub logit_batch: Option<(Vec<f32>, Vec<f32>)>,
+    /// The nuisance classifier's side of an iCE step.
+    pub adversary: Option<AdversaryStats>,
+}
+
+/// What the adversary did in one iCE step.
+#[derive(Clone, Debug, Default)]
+pub struct AdversaryStats {
+    /// Its mean training cross-entropy (nats) over the inner steps, true labels.
+    pub cross_entropy: f32,
+    /// Its errors on the batch (evaluation mode, after the inner steps).
+    pub errors: usize,
+    /// The adversarial term's value as the encoder minimises it.
+    pub term: f32,
 }
 
 /// ln 128 · D: the discrete-density correction for x = 2u − 1 with 256 bins per unit.
-fn dequantisation_constant(dims: usize) -> f32 {
+pub(crate) fn dequantisation_constant(dims: usize) -> f32 {
     dims as f32 * 128f32.ln()
 }
 
@@ -64,6 +77,7 @@ pub fn revnet_ce_step(
             .count(),
         loss: 0.0,
         logit_batch,
+        adversary: None,
     };
     let loss = ce + nll * nll_weight;
     let stats = StepStats {
@@ -92,6 +106,7 @@ pub fn cnn_step(model: &SmallCnn, x: T2, labels: &[u8]) -> (Grads, StepStats) {
             nll_bits_per_dim: 0.0,
             errors,
             logit_batch: None,
+            adversary: None,
         },
     )
 }

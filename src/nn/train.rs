@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::data::Arrays;
 
+use super::ice::{revnet_ice_step, IceRngs, IceSettings, IceState};
 use super::input::{cnn_input, revnet_input};
 use super::model::Model;
 use super::objective::{cnn_step, revnet_ce_step, StepStats};
@@ -36,6 +37,9 @@ pub struct TrainSettings {
     /// Examples used (0 = all), for small profiles.
     pub train_limit: usize,
     pub test_limit: usize,
+    /// The iCE objective's settings (fi-RevNet only); `None` = the CE objective.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ice: Option<IceSettings>,
 }
 
 /// What one epoch measured.
@@ -50,6 +54,16 @@ pub struct EpochMetrics {
     pub train_error: f64,
     /// Error on the test set in evaluation mode, in %.
     pub test_error: f64,
+    /// iCE only: the nuisance classifier's mean training cross-entropy (nats, inner steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adversary_ce: Option<f64>,
+    /// iCE only: the nuisance classifier's error (%) on the training batches after its
+    /// inner steps (evaluation mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adversary_train_error: Option<f64>,
+    /// iCE only: the adversarial term as the encoder minimises it (batch mean).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adversarial_term: Option<f64>,
 }
 
 pub struct Trainer {
@@ -57,6 +71,8 @@ pub struct Trainer {
     pub optimizer: Optimizer,
     pub settings: TrainSettings,
     pub history: Vec<EpochMetrics>,
+    /// The adversary and learned prior of an iCE run.
+    pub ice: Option<IceState>,
 }
 
 fn limit(n: usize, limit: usize) -> usize {
@@ -125,11 +141,19 @@ impl Trainer {
         }
         let kind = settings.optimizer;
         let optimizer = Optimizer::new(kind, dev, &model);
+        let ice = match (&model, &settings.ice) {
+            (Model::RevNet(m), Some(ice)) => {
+                Some(IceState::new(dev, m, ice.clone(), kind, settings.seed))
+            }
+            (Model::Cnn(_), Some(_)) => panic!("the iCE objective needs a fi-RevNet"),
+            (_, None) => None,
+        };
         Trainer {
             model,
             optimizer,
             settings,
             history: Vec::new(),
+            ice,
         }
     }
 
@@ -152,9 +176,11 @@ impl Trainer {
         order.shuffle(&mut rng_for(s.seed, &format!("shuffle/{epoch}")));
         let mut noise = rng_for(s.seed, &format!("dequantize/{epoch}"));
         let mut dropout = rng_for(s.seed, &format!("dropout/{epoch}"));
+        let mut ice_rngs = IceRngs::for_epoch(s.seed, epoch);
         let lr = self.lr(epoch);
         let (mut sum, mut seen) = (StepStats::default(), 0usize);
         let (mut loss, mut ce, mut nll) = (0.0f64, 0.0f64, 0.0f64);
+        let (mut adversary_ce, mut adversary_errors, mut adversarial_term) = (0.0f64, 0, 0.0f64);
         for (step, batch) in order.chunks(s.batch_size).enumerate() {
             let labels: Vec<u8> = batch.iter().map(|&i| data.train_labels[i]).collect();
             let x = input_for(
@@ -164,11 +190,19 @@ impl Trainer {
                 batch,
                 s.dequantize.then_some(&mut noise),
             );
-            let (grads, stats) = match &self.model {
-                Model::RevNet(m) => revnet_ce_step(m, x, &labels, s.nll_weight, Some(&mut dropout)),
-                Model::Cnn(m) => cnn_step(m, x, &labels),
+            let (grads, stats) = match (&self.model, &mut self.ice) {
+                (Model::RevNet(m), Some(ice)) => {
+                    revnet_ice_step(m, ice, x, &labels, Some(&mut dropout), &mut ice_rngs)
+                }
+                (Model::RevNet(m), None) => {
+                    revnet_ce_step(m, x, &labels, s.nll_weight, Some(&mut dropout))
+                }
+                (Model::Cnn(m), _) => cnn_step(m, x, &labels),
             };
             self.optimizer.update(&mut self.model, &grads, lr);
+            if let Some((prior, optimizer)) = self.ice.as_mut().and_then(|i| i.prior.as_mut()) {
+                optimizer.update(prior, &grads, lr);
+            }
             drop(grads);
             if let (Model::RevNet(m), Some((mean, var))) = (&mut self.model, &stats.logit_batch) {
                 m.logit_bn
@@ -184,6 +218,11 @@ impl Trainer {
             ce += stats.ce as f64 * w;
             nll += stats.nll_bits_per_dim as f64 * w;
             sum.errors += stats.errors;
+            if let Some(a) = &stats.adversary {
+                adversary_ce += a.cross_entropy as f64 * w;
+                adversary_errors += a.errors;
+                adversarial_term += a.term as f64 * w;
+            }
             seen += batch.len();
             progress(step as u64 + 1);
         }
@@ -203,6 +242,12 @@ impl Trainer {
                 test_n,
                 500,
             ),
+            adversary_ce: self.ice.as_ref().map(|_| adversary_ce / seen as f64),
+            adversary_train_error: self
+                .ice
+                .as_ref()
+                .map(|_| 100.0 * adversary_errors as f64 / seen as f64),
+            adversarial_term: self.ice.as_ref().map(|_| adversarial_term / seen as f64),
         };
         self.history.push(metrics.clone());
         metrics
@@ -215,9 +260,18 @@ impl Trainer {
 
     /// Weights, optimiser state and history in one safetensors file.
     pub fn checkpoint(&self) -> Result<Vec<u8>> {
+        let mut meta = HashMap::new();
         let mut params = self.model.state();
         params.extend(self.optimizer.params());
-        let mut meta = HashMap::new();
+        if let Some(ice) = &self.ice {
+            for part in ice.parts() {
+                params.extend(part.params());
+            }
+            meta.insert(
+                "ice_optimizer_steps".into(),
+                serde_json::to_string(&ice.optimizer_steps())?,
+            );
+        }
         meta.insert(
             "config".into(),
             serde_json::to_string(&self.model.config())?,
@@ -235,21 +289,31 @@ impl Trainer {
         if config != self.model.config() {
             bail!("checkpoint is for another model configuration");
         }
-        struct Both<'a>(&'a mut Model, &'a mut Optimizer);
-        impl HasParams for Both<'_> {
+        /// Everything a checkpoint holds, as one parameter container.
+        struct Parts<'a>(Vec<&'a mut dyn HasParams>);
+        impl HasParams for Parts<'_> {
             fn visit<'b>(&'b self, f: &mut dyn FnMut(&'b super::Param)) {
-                self.0.visit(f);
-                self.1.visit(f);
+                self.0.iter().for_each(|p| p.visit(f));
             }
             fn visit_mut(&mut self, f: &mut dyn FnMut(&mut super::Param)) {
-                self.0.visit_mut(f);
-                self.1.visit_mut(f);
+                self.0.iter_mut().for_each(|p| p.visit_mut(f));
             }
             fn visit_buffers_mut(&mut self, f: &mut dyn FnMut(&mut super::Param)) {
-                self.0.visit_buffers_mut(f);
+                self.0.iter_mut().for_each(|p| p.visit_buffers_mut(f));
             }
         }
-        io::load_into(dev, &mut Both(&mut self.model, &mut self.optimizer), bytes)?;
+        let mut parts: Vec<&mut dyn HasParams> = vec![&mut self.model, &mut self.optimizer];
+        if let Some(ice) = &mut self.ice {
+            parts.extend(ice.parts_mut());
+        }
+        io::load_into(dev, &mut Parts(parts), bytes)?;
+        if let Some(ice) = &mut self.ice {
+            let steps: Vec<u64> = serde_json::from_str(
+                meta.get("ice_optimizer_steps")
+                    .context("iCE checkpoint without ice_optimizer_steps")?,
+            )?;
+            ice.set_optimizer_steps(&steps);
+        }
         self.history =
             serde_json::from_str(meta.get("history").context("checkpoint without history")?)?;
         self.optimizer.step = meta

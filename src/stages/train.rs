@@ -21,10 +21,11 @@ use crate::data::Arrays;
 use crate::engine::{Finished, Param, StageContext, StageKind};
 use crate::nn::cnn::CnnConfig;
 use crate::nn::flow::{CouplingKind, Permutation, RevNetConfig};
+use crate::nn::ice::{AdversaryVariant, IceSettings, MleVariant};
 use crate::nn::model::{Model, ModelConfig};
 use crate::nn::optim::OptimizerKind;
 use crate::nn::train::{TrainSettings, Trainer};
-use crate::nn::{device, rng_for, DEVICE_NAME};
+use crate::nn::{device, rng_for, HasParams, DEVICE_NAME};
 use crate::report::figures::{line_plot, Series};
 
 pub struct Train;
@@ -112,7 +113,8 @@ fn train_settings(ctx: &StageContext, seed: u64) -> Result<TrainSettings> {
         lr_milestones: milestones,
         lr_gamma: ctx.param_float("lr_gamma")? as f32,
         seed,
-        nll_weight: if is_revnet {
+        // iCE has its own MLE weight (`w_mle`); `nll_weight` is the CE objective's.
+        nll_weight: if is_revnet && ctx.param_str("objective")? == "ce" {
             ctx.param_float("nll_weight")? as f32
         } else {
             0.0
@@ -120,6 +122,45 @@ fn train_settings(ctx: &StageContext, seed: u64) -> Result<TrainSettings> {
         dequantize: is_revnet && ctx.param_bool("dequantize")?,
         train_limit: usize_param(ctx, "train_limit")?,
         test_limit: usize_param(ctx, "test_limit")?,
+        ice: match ctx.param_str("objective")? {
+            "ce" => None,
+            "ice" if is_revnet => Some(ice_settings(ctx)?),
+            "ice" => bail!(
+                "param {}.objective: iCE needs a fi-RevNet (model = \"firevnet\")",
+                ctx.name()
+            ),
+            other => bail!(
+                "param {}.objective: {other:?} is not a known objective (ce, ice)",
+                ctx.name()
+            ),
+        },
+    })
+}
+
+/// The iCE objective's params (read only when `objective = "ice"`).
+fn ice_settings(ctx: &StageContext) -> Result<IceSettings> {
+    Ok(IceSettings {
+        variant: match ctx.param_str("adversary")? {
+            "paper" => AdversaryVariant::Paper,
+            "confusion" => AdversaryVariant::Confusion,
+            "code" => AdversaryVariant::Code,
+            other => bail!(
+                "param {}.adversary: {other:?} is not paper, confusion or code",
+                ctx.name()
+            ),
+        },
+        w_adv: ctx.param_float("w_adv")? as f32,
+        inner_steps: usize_param(ctx, "inner_steps")?,
+        mle: match ctx.param_str("mle")? {
+            "paper" => MleVariant::Paper,
+            "code" => MleVariant::Code,
+            other => bail!("param {}.mle: {other:?} is not paper or code", ctx.name()),
+        },
+        w_mle: ctx.param_float("w_mle")? as f32,
+        adversary_width: usize_param(ctx, "adversary_width")?,
+        adversary_layers: usize_param(ctx, "adversary_layers")?.max(1),
+        adversary_dropout: ctx.param_float("adversary_dropout")? as f32,
+        adversary_lr: ctx.param_float("adversary_lr")? as f32,
     })
 }
 
@@ -197,12 +238,6 @@ impl StageKind for Train {
 
     fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
         let objective = ctx.param_str("objective")?.to_string();
-        if objective != "ce" {
-            bail!(
-                "param {}.objective: {objective:?} is not a known objective (ce)",
-                ctx.name()
-            );
-        }
         let data = Arrays::read(|name| ctx.input_named(name))?;
         let config = model_config(ctx)?;
         let settings = train_settings(ctx, ctx.seed())?;
@@ -215,13 +250,30 @@ impl StageKind for Train {
             "weights.safetensors",
             &trainer.model.to_safetensors(description)?,
         )?;
+        if let Some(ice) = &trainer.ice {
+            let meta = HashMap::from([
+                (
+                    "config".to_string(),
+                    serde_json::to_string(&ice.adversary.config)?,
+                ),
+                (
+                    "role".to_string(),
+                    "iCE nuisance classifier (adversary) on z_n".to_string(),
+                ),
+                ("format".to_string(), "pt".to_string()),
+            ]);
+            ctx.write_output(
+                "adversary.safetensors",
+                &crate::nn::io::save(&ice.adversary.params(), meta)?,
+            )?;
+        }
         let last = trainer.history.last();
         let metrics = json!({
             "model": config,
             "objective": objective,
             "settings": settings,
             "device": DEVICE_NAME,
-            "parameters": crate::nn::HasParams::param_count(&trainer.model),
+            "parameters": trainer.model.param_count(),
             "history": trainer.history,
             "final_test_error": last.map(|m| m.test_error),
             "final_train_error": last.map(|m| m.train_error),
