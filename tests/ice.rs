@@ -3,7 +3,6 @@
 //! is at chance; an iCE run resumes to the same bytes; the probe finds nothing in noise and
 //! everything in a latent that leaks the label.
 
-use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use repro::data::Arrays;
