@@ -12,7 +12,7 @@
 //! Tensors are in the row layout `(features, B)`; feature tables handed to the probe are
 //! example-major (`n × dims`), as they come out of the latent pass.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use dfdx::prelude::*;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -75,6 +75,66 @@ impl Mlp {
         }
         h
     }
+}
+
+impl Mlp {
+    /// A weights file: the parameters plus the config (and `role`) in the metadata.
+    pub fn to_safetensors(&self, role: &str) -> Result<Vec<u8>> {
+        let meta = std::collections::HashMap::from([
+            ("config".to_string(), serde_json::to_string(&self.config)?),
+            ("role".to_string(), role.to_string()),
+            ("format".to_string(), "pt".to_string()),
+        ]);
+        super::io::save(&self.params(), meta)
+    }
+
+    /// Rebuilds an MLP from a file written by [`Mlp::to_safetensors`].
+    pub fn from_safetensors(dev: &Dev, prefix: &str, bytes: &[u8]) -> Result<Mlp> {
+        let meta = super::io::metadata(bytes)?;
+        let config: MlpConfig = serde_json::from_str(
+            meta.get("config")
+                .ok_or_else(|| anyhow::anyhow!("MLP weights file has no `config` metadata"))?,
+        )
+        .context("MLP weights file `config` metadata")?;
+        // Initial values are overwritten by the file; the generator only has to exist.
+        let mut mlp = Mlp::new(dev, prefix, config, &mut rng_for(0, "placeholder"));
+        super::io::load_into(dev, &mut mlp, bytes)?;
+        Ok(mlp)
+    }
+}
+
+/// The latent views of examples `indices` of `images`, in evaluation mode (no dropout, no
+/// dequantisation noise): the logits z_s (before any logit BatchNorm, an invertible map) and
+/// the nuisance z_n, as example-major feature tables.
+pub fn latent_views(
+    dev: &Dev,
+    model: &super::flow::FiRevNet,
+    images: &[u8],
+    labels: &[u8],
+    indices: &[usize],
+) -> (Features, Features) {
+    let classes = model.config.classes;
+    let mut logits = Features::new(classes);
+    let mut nuisance = Features::new(model.dims() - classes);
+    for batch in indices.chunks(500) {
+        let x = super::input::revnet_input(dev, images, batch, model.config.in_channels, None);
+        let z = model.forward(x, None).z;
+        let y: Vec<u8> = batch.iter().map(|&i| labels[i]).collect();
+        logits.push_columns(&model.logits(z.clone()), &y);
+        nuisance.push_columns(&model.nuisance(z), &y);
+        dev.empty_cache();
+    }
+    (logits, nuisance)
+}
+
+/// Readout of a trained classifier on raw (unstandardised) features, e.g. the jointly
+/// trained adversary on z_n.
+pub fn readout_raw(dev: &Dev, mlp: &Mlp, features: &Features) -> Readout {
+    let identity = Standardizer {
+        mean: vec![0.0; features.dims],
+        inv_std: vec![1.0; features.dims],
+    };
+    readout(dev, mlp, &identity, features)
 }
 
 impl HasParams for Mlp {

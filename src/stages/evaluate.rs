@@ -1,10 +1,14 @@
 //! Stage `evaluate`: train and test error of a trained model in evaluation mode (no dropout,
 //! no dequantisation noise).
 //!
-//! Paper: Table 2's logit columns (C1, C2: % error, test / train) and the CNN baseline.
-//! Inputs: `weights.safetensors` (any model: it is rebuilt from the file alone) and the four
-//! MNIST arrays. Outputs: `evaluation.json` {model, parameters, train_error, test_error,
-//! n_train, n_test} (errors in %).
+//! Paper: Table 2's logit columns (C1, C2: % error, test / train) and the CNN baseline; for
+//! an iCE model also the nuisance columns as the *jointly trained adversary* sees them
+//! (paper-notes § 3: measurement (a); the fresh probe is the `probe` stage).
+//! Inputs: `weights.safetensors` (any model: it is rebuilt from the file alone), the four
+//! MNIST arrays, and optionally `adversary.safetensors` (iCE's nuisance classifier).
+//! Outputs: `evaluation.json` {model, parameters, train_error, test_error, n_train, n_test,
+//! and with an adversary `adversary: {train, test}` readouts: error %, cross-entropy and
+//! the bound H(y) − CE on I(y; z_n) in bits} (errors in %).
 //!
 //! Modules: data, nn
 
@@ -14,10 +18,24 @@ use serde_json::json;
 use crate::data::Arrays;
 use crate::engine::{Finished, StageContext, StageKind};
 use crate::nn::model::Model;
+use crate::nn::nuisance::{latent_views, readout_raw, Mlp};
 use crate::nn::train::error_rate;
 use crate::nn::{device, HasParams};
 
 pub struct Evaluate;
+
+/// The iCE adversary's weights, when one of the inputs provides them.
+fn adversary_input(ctx: &StageContext) -> Result<Option<Vec<u8>>> {
+    let has = ctx
+        .input_stages()
+        .iter()
+        .any(|stage| ctx.input_names(stage).contains(&"adversary.safetensors"));
+    if has {
+        Ok(Some(ctx.input_named("adversary.safetensors")?))
+    } else {
+        Ok(None)
+    }
+}
 
 impl StageKind for Evaluate {
     fn kind(&self) -> &str {
@@ -54,7 +72,30 @@ impl StageKind for Evaluate {
         ctx.log(format!(
             "test error {test_error:.2} % on {n_test}, train error {train_error:.2} % on {n_train}"
         ));
+        let adversary = match (adversary_input(ctx)?, &model) {
+            (Some(bytes), Model::RevNet(flow)) => {
+                let mlp = Mlp::from_safetensors(&dev, "adversary", &bytes)?;
+                let readout = |images: &[u8], labels: &[u8], n: usize| {
+                    let indices: Vec<usize> = (0..n).collect();
+                    let (_, nuisance) = latent_views(&dev, flow, images, labels, &indices);
+                    readout_raw(&dev, &mlp, &nuisance)
+                };
+                let test = readout(&data.test_images, &data.test_labels, n_test);
+                let train = readout(&data.train_images, &data.train_labels, n_train);
+                ctx.log(format!(
+                    "adversary on z_n: test error {:.2} %, train error {:.2} %, I(y; z_n) ≥ {:.3} bits (test)",
+                    test.error, train.error, test.information_bound_bits
+                ));
+                ctx.set_metric("adversary_test_error", json!(test.error));
+                Some(json!({ "train": train, "test": test }))
+            }
+            (Some(_), Model::Cnn(_)) => {
+                anyhow::bail!("stage {}: an adversary input needs a fi-RevNet", ctx.name())
+            }
+            (None, _) => None,
+        };
         let result = json!({
+            "adversary": adversary,
             "model": model.config(),
             "parameters": model.param_count(),
             "test_error": test_error,

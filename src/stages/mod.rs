@@ -9,7 +9,9 @@ pub mod ensemble;
 pub mod evaluate;
 pub mod fashion_mnist;
 pub mod metamers;
+pub mod interpolate;
 pub mod mnist;
+pub mod probe;
 pub mod report;
 pub mod train;
 
@@ -37,5 +39,7 @@ pub fn registry() -> Registry {
         .with(evaluate::Evaluate)
         .with(ensemble::Ensemble)
         .with(metamers::Metamers)
+        .with(probe::ProbeStage)
+        .with(interpolate::Interpolate)
         .with(report::Report)
 }

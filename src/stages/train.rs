@@ -251,20 +251,10 @@ impl StageKind for Train {
             &trainer.model.to_safetensors(description)?,
         )?;
         if let Some(ice) = &trainer.ice {
-            let meta = HashMap::from([
-                (
-                    "config".to_string(),
-                    serde_json::to_string(&ice.adversary.config)?,
-                ),
-                (
-                    "role".to_string(),
-                    "iCE nuisance classifier (adversary) on z_n".to_string(),
-                ),
-                ("format".to_string(), "pt".to_string()),
-            ]);
             ctx.write_output(
                 "adversary.safetensors",
-                &crate::nn::io::save(&ice.adversary.params(), meta)?,
+                &ice.adversary
+                    .to_safetensors("iCE nuisance classifier (adversary) on z_n")?,
             )?;
         }
         let last = trainer.history.last();
