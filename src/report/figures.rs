@@ -139,6 +139,123 @@ pub fn line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -
     svg
 }
 
+/// One group of bars (e.g. one model on one data set), one value per series.
+pub struct BarGroup {
+    pub label: String,
+    pub values: Vec<f64>,
+}
+
+/// Grouped vertical bars from 0 (negative values are drawn as 0 and labelled with their
+/// value: a vacuous bound), an optional dashed reference line (e.g. H(y)), a legend.
+pub fn bar_chart(
+    title: &str,
+    y_label: &str,
+    series: &[&str],
+    groups: &[BarGroup],
+    reference: Option<(&str, f64)>,
+) -> String {
+    let bar_w = 26.0;
+    let group_w = bar_w * series.len() as f64 + 24.0;
+    let (left, right, top, bottom) = (64.0, 150.0, 36.0, 92.0);
+    let plot_w = (group_w * groups.len() as f64).max(120.0);
+    let (width, height) = (left + plot_w + right, 380.0);
+    let plot_h = height - top - bottom;
+    let y_max = nice_max(
+        groups
+            .iter()
+            .flat_map(|g| g.values.iter().copied())
+            .chain(reference.map(|r| r.1))
+            .fold(0.0, f64::max),
+    );
+    let py = |y: f64| top + plot_h - y.max(0.0) / y_max * plot_h;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(
+        svg,
+        r#"<rect width="{width}" height="{height}" fill="white"/>"#
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        left + plot_w / 2.0,
+        escape(title)
+    );
+    for i in 0..=4 {
+        let y = y_max * i as f64 / 4.0;
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + plot_w,
+            left - 6.0,
+            py(y) + 4.0,
+            fmt_tick(y),
+            py = py(y)
+        );
+    }
+    for (g, group) in groups.iter().enumerate() {
+        let x0 = left + g as f64 * group_w + 12.0;
+        for (i, &v) in group.values.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let x = x0 + i as f64 * bar_w;
+            let _ = write!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.2}</text>"#,
+                py(v),
+                bar_w - 4.0,
+                top + plot_h - py(v),
+                x + (bar_w - 4.0) / 2.0,
+                py(v) - 3.0
+            );
+        }
+        let cx = x0 + bar_w * group.values.len() as f64 / 2.0;
+        let ty = top + plot_h + 14.0;
+        let _ = write!(
+            svg,
+            r#"<text x="{cx:.1}" y="{ty}" text-anchor="end" transform="rotate(-30 {cx:.1} {ty})">{}</text>"#,
+            escape(&group.label)
+        );
+    }
+    if let Some((name, value)) = reference {
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#333" stroke-dasharray="5,4"/><text x="{}" y="{:.1}">{} = {value:.2}</text>"##,
+            left + plot_w,
+            left + plot_w + 6.0,
+            py(value) + 4.0,
+            escape(name),
+            y = py(value)
+        );
+    }
+    let _ = write!(
+        svg,
+        r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>"##
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#,
+        top + plot_h / 2.0,
+        top + plot_h / 2.0,
+        escape(y_label)
+    );
+    for (i, name) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let (lx, ly) = (left + plot_w + 12.0, top + 30.0 + 18.0 * i as f64);
+        let _ = write!(
+            svg,
+            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{colour}"/><text x="{}" y="{}">{}</text>"#,
+            ly - 9.0,
+            lx + 18.0,
+            ly + 1.0,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 fn fmt_tick(v: f64) -> String {
     if v == v.round() {
         format!("{v:.0}")

@@ -30,88 +30,155 @@ pub struct Claim {
     pub measured_by: String,
     /// How the claim is judged, per profile (profiles without a rule show the number only).
     #[serde(default)]
-    pub rules: BTreeMap<String, Rule>,
+    pub rules: BTreeMap<String, Rules>,
 }
 
-/// A check of one measured number: `at_most`, `at_least`, or `near` ± `within`.
+/// One rule, or several that must all hold (e.g. "CE metamers look like B *and* iCE metamers
+/// look like A").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Rules {
+    One(Rule),
+    All(Vec<Rule>),
+}
+
+impl Rules {
+    fn all(&self) -> &[Rule] {
+        match self {
+            Rules::One(rule) => std::slice::from_ref(rule),
+            Rules::All(rules) => rules,
+        }
+    }
+}
+
+/// A check of one measured quantity: `metric`, optionally `minus` or `over` a second metric
+/// (a difference or a ratio, for claims about directions), against `at_most`, `at_least`,
+/// `above` (strictly), or `near` ± `within`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
-    /// `stage.field` of a number some stage published (e.g. `eval_ce.test_error`).
+    /// `stage.field` of a number some stage published (e.g. `eval_ce.test_error`; nested
+    /// JSON fields are joined with dots: `probe_ce.views.z_n.test.error`).
     pub metric: String,
+    pub minus: Option<String>,
+    pub over: Option<String>,
     pub at_most: Option<f64>,
     pub at_least: Option<f64>,
+    pub above: Option<f64>,
     pub near: Option<f64>,
     pub within: Option<f64>,
 }
 
 impl Rule {
+    /// The quantity the rule checks, when every metric it reads was measured.
+    fn value(&self, metrics: &BTreeMap<String, f64>) -> Option<f64> {
+        let v = *metrics.get(&self.metric)?;
+        Some(match (&self.minus, &self.over) {
+            (Some(m), _) => v - metrics.get(m)?,
+            (None, Some(o)) => v / metrics.get(o)?,
+            (None, None) => v,
+        })
+    }
+
     fn holds(&self, value: f64) -> bool {
         self.at_most.is_none_or(|m| value <= m)
             && self.at_least.is_none_or(|m| value >= m)
+            && self.above.is_none_or(|m| value > m)
             && self
                 .near
                 .is_none_or(|n| (value - n).abs() <= self.within.unwrap_or(0.0))
     }
 
+    fn quantity(&self) -> String {
+        match (&self.minus, &self.over) {
+            (Some(m), _) => format!("{} − {m}", self.metric),
+            (None, Some(o)) => format!("{} / {o}", self.metric),
+            (None, None) => self.metric.clone(),
+        }
+    }
+
+    fn metrics(&self) -> Vec<&str> {
+        std::iter::once(self.metric.as_str())
+            .chain(self.minus.as_deref())
+            .chain(self.over.as_deref())
+            .collect()
+    }
+
     fn describe(&self) -> String {
+        let q = self.quantity();
         let mut parts = Vec::new();
         if let Some(m) = self.at_most {
-            parts.push(format!("{} ≤ {m}", self.metric));
+            parts.push(format!("{q} ≤ {m}"));
         }
         if let Some(m) = self.at_least {
-            parts.push(format!("{} ≥ {m}", self.metric));
+            parts.push(format!("{q} ≥ {m}"));
+        }
+        if let Some(m) = self.above {
+            parts.push(format!("{q} > {m}"));
         }
         if let Some(n) = self.near {
-            parts.push(format!(
-                "{} = {n} ± {}",
-                self.metric,
-                self.within.unwrap_or(0.0)
-            ));
+            parts.push(format!("{q} = {n} ± {}", self.within.unwrap_or(0.0)));
         }
         parts.join(" and ")
     }
 }
 
-/// A claim's verdict on one profile: the measured value (if any), the verdict and why.
+/// A claim's verdict on one profile: the measured quantities (one per rule), the verdict and
+/// why.
 pub fn judge(
     claim: &Claim,
     profile: &str,
     metrics: &BTreeMap<String, f64>,
-) -> (Option<f64>, Verdict, String) {
-    let rule = claim.rules.get(profile);
-    let metric = rule
-        .or_else(|| claim.rules.values().next())
-        .map(|r| r.metric.clone());
-    let value = metric.as_ref().and_then(|m| metrics.get(m).copied());
-    match (rule, value) {
-        (Some(rule), Some(v)) => {
-            let verdict = if rule.holds(v) {
+) -> (Vec<f64>, Verdict, String) {
+    let rules = claim.rules.get(profile);
+    let shown = rules.or_else(|| claim.rules.values().next());
+    let values: Option<Vec<f64>> = shown.map(|r| {
+        r.all()
+            .iter()
+            .filter_map(|rule| rule.value(metrics))
+            .collect()
+    });
+    let complete = shown.is_some_and(|r| values.as_ref().is_some_and(|v| v.len() == r.all().len()));
+    let values = values.unwrap_or_default();
+    match (rules, complete) {
+        (Some(rules), true) => {
+            let verdict = if rules.all().iter().zip(&values).all(|(r, &v)| r.holds(v)) {
                 Verdict::Pass
             } else {
                 Verdict::Fail
             };
+            let described: Vec<String> = rules.all().iter().map(Rule::describe).collect();
             (
-                Some(v),
+                values,
                 verdict,
-                format!("rule on {profile}: {}", rule.describe()),
+                format!("rule on {profile}: {}", described.join("; ")),
             )
         }
-        (Some(rule), None) => (
-            None,
-            Verdict::NotRun,
-            format!("{} was not measured in this run", rule.metric),
-        ),
-        (None, Some(v)) => (
-            Some(v),
+        (Some(rules), false) => {
+            let missing: Vec<&str> = rules
+                .all()
+                .iter()
+                .flat_map(Rule::metrics)
+                .filter(|m| !metrics.contains_key(*m))
+                .collect();
+            (
+                Vec::new(),
+                Verdict::NotRun,
+                format!("{} not measured in this run", missing.join(", ")),
+            )
+        }
+        (None, true) => (
+            values,
             Verdict::NotJudged,
             format!("no rule for the {profile} profile"),
         ),
-        (None, None) if claim.measured_by.is_empty() => {
-            (None, Verdict::NotRun, "no stage measures this yet".into())
-        }
-        (None, None) => (
-            None,
+        (None, false) if claim.measured_by.is_empty() => (
+            Vec::new(),
+            Verdict::NotRun,
+            "no stage measures this yet".into(),
+        ),
+        (None, false) => (
+            Vec::new(),
             Verdict::NotRun,
             format!("measured by {}; not run here", claim.measured_by),
         ),
@@ -208,14 +275,46 @@ pub struct Tables {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccuracyRow {
-    /// The stage whose `evaluation.json` / `ensemble.json` fills the row; empty for a row that
-    /// only quotes the paper.
+    /// The stage whose `evaluation.json` / `ensemble.json` / `probe.json` fills the row; empty
+    /// for a row that only quotes the paper.
     #[serde(default)]
     pub stage: String,
+    /// The fields read (below the stage), by default `test_error` / `train_error`.
+    #[serde(default = "default_test_metric")]
+    pub test_metric: String,
+    #[serde(default = "default_train_metric")]
+    pub train_metric: String,
+    /// The field holding the number of test / train examples (default `n_test` / `n_train`).
+    #[serde(default = "default_n_test")]
+    pub n_test_metric: String,
+    #[serde(default = "default_n_train")]
+    pub n_train_metric: String,
+    /// Which table the row belongs to (`table2`, `baselines`, `quoted`).
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// A short protocol note shown under the table for this row.
+    #[serde(default)]
+    pub note: String,
     pub label: String,
     /// The paper's % error, where it reports one.
     pub paper_test: Option<f64>,
     pub paper_train: Option<f64>,
+}
+
+fn default_test_metric() -> String {
+    "test_error".into()
+}
+fn default_train_metric() -> String {
+    "train_error".into()
+}
+fn default_n_test() -> String {
+    "n_test".into()
+}
+fn default_n_train() -> String {
+    "n_train".into()
+}
+fn default_group() -> String {
+    "table2".into()
 }
 
 pub fn read_tables(path: &Path) -> Result<Tables> {
@@ -243,5 +342,29 @@ mod tests {
         assert_eq!(judge(&c, "cpu", &BTreeMap::new()).1, Verdict::NotRun);
         let worse = BTreeMap::from([("eval_ce.test_error".to_string(), 1.6)]);
         assert_eq!(judge(&c, "cpu", &worse).1, Verdict::Fail);
+    }
+
+    #[test]
+    fn compound_rules_need_every_part_and_read_differences_and_ratios() {
+        let c = claim("[rules]\ncpu = [{ metric = \"a.x\", minus = \"b.x\", above = 0.0 }, { metric = \"a.y\", over = \"b.y\", at_least = 10.0 }]\n");
+        let m = |ax: f64, bx: f64, ay: f64, by: f64| {
+            BTreeMap::from([
+                ("a.x".to_string(), ax),
+                ("b.x".to_string(), bx),
+                ("a.y".to_string(), ay),
+                ("b.y".to_string(), by),
+            ])
+        };
+        let (values, verdict, _) = judge(&c, "cpu", &m(0.6, 0.2, 30.0, 2.0));
+        assert_eq!(verdict, Verdict::Pass);
+        assert!((values[0] - 0.4).abs() < 1e-12 && (values[1] - 15.0).abs() < 1e-12);
+        // A tie is not "more often": `above` is strict.
+        assert_eq!(judge(&c, "cpu", &m(0.2, 0.2, 30.0, 2.0)).1, Verdict::Fail);
+        assert_eq!(judge(&c, "cpu", &m(0.6, 0.2, 10.0, 2.0)).1, Verdict::Fail);
+        let mut partial = m(0.6, 0.2, 30.0, 2.0);
+        partial.remove("b.y");
+        let (_, verdict, note) = judge(&c, "cpu", &partial);
+        assert_eq!(verdict, Verdict::NotRun);
+        assert!(note.contains("b.y"), "{note}");
     }
 }

@@ -104,8 +104,12 @@ impl StageKind for Interpolate {
         let mut max_logit_drift = 0.0f32;
         for (chunk_a, chunk_b) in sources.chunks(50).zip(nuisances.chunks(50)) {
             let b = chunk_a.len();
-            let za = model.forward(revnet_input(&dev, &images, chunk_a, channels, None), None).z;
-            let zb = model.forward(revnet_input(&dev, &images, chunk_b, channels, None), None).z;
+            let za = model
+                .forward(revnet_input(&dev, &images, chunk_a, channels, None), None)
+                .z;
+            let zb = model
+                .forward(revnet_input(&dev, &images, chunk_b, channels, None), None)
+                .z;
             let (rows, _) = *za.shape();
             let (va, vb) = (za.as_vec(), zb.as_vec());
             let mut chunk_labels = vec![Vec::with_capacity(steps); b];

@@ -8,8 +8,8 @@
 pub mod ensemble;
 pub mod evaluate;
 pub mod fashion_mnist;
-pub mod metamers;
 pub mod interpolate;
+pub mod metamers;
 pub mod mnist;
 pub mod probe;
 pub mod report;

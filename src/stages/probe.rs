@@ -64,7 +64,11 @@ fn metamer_views(
     let indices = |key: &str| -> Result<Vec<usize>> {
         metamers[key]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as usize)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64().map(|v| v as usize))
+                    .collect()
+            })
             .ok_or_else(|| anyhow::anyhow!("metamers.json: no `{key}` list"))
     };
     let (sources, nuisances) = (indices("logit_sources")?, indices("nuisance_sources")?);
@@ -72,7 +76,11 @@ fn metamer_views(
     if sources.len() != nuisances.len() || sources.len() != oracle.len() {
         bail!("metamers.json: logit_sources, nuisance_sources and oracle_labels differ in length");
     }
-    if let Some(&bad) = sources.iter().chain(&nuisances).find(|&&i| i >= data.test_labels.len()) {
+    if let Some(&bad) = sources
+        .iter()
+        .chain(&nuisances)
+        .find(|&&i| i >= data.test_labels.len())
+    {
         bail!("metamers.json: test index {bad} is out of range");
     }
     let (logits_a, _) = latent_views(dev, model, &data.test_images, &data.test_labels, &sources);
@@ -210,9 +218,18 @@ impl StageKind for ProbeStage {
             ("z_n", &train_n, &test_n, metamers.as_ref().map(|m| &m.1)),
             ("z_s", &train_s, &test_s, metamers.as_ref().map(|m| &m.0)),
         ] {
-            let (fit, validation) = (subset(train_all, fit_rows), subset(train_all, validation_rows));
-            let (probe, value) =
-                probe_view(ctx, &dev, view, [&fit, &validation, test], metamer, &settings)?;
+            let (fit, validation) = (
+                subset(train_all, fit_rows),
+                subset(train_all, validation_rows),
+            );
+            let (probe, value) = probe_view(
+                ctx,
+                &dev,
+                view,
+                [&fit, &validation, test],
+                metamer,
+                &settings,
+            )?;
             curves.push(Series {
                 name: format!("{view} (validation)"),
                 points: probe
@@ -221,7 +238,10 @@ impl StageKind for ProbeStage {
                     .map(|e| (e.epoch as f64, e.validation.error))
                     .collect(),
             });
-            ctx.set_metric(&format!("{view}_test_error"), value["test"]["error"].clone());
+            ctx.set_metric(
+                &format!("{view}_test_error"),
+                value["test"]["error"].clone(),
+            );
             views.insert(view.to_string(), value);
         }
         let result = json!({

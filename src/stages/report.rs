@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use crate::engine::{Finished, Manifest, StageContext, StageKind};
+use crate::report::figures::{bar_chart, BarGroup};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
 
 pub struct Report;
@@ -56,6 +57,80 @@ fn provenance(manifest: &Manifest) -> Provenance {
         wall_seconds: format!("{:.1}", manifest.seconds),
         log: format!("logs/{}.log", manifest.stage),
     }
+}
+
+/// Every number in a JSON output as `stage.field.subfield` (arrays are skipped: per-example
+/// lists and histories are not claims' material).
+fn flatten_numbers(prefix: &str, value: &Value, out: &mut BTreeMap<String, f64>) {
+    match value {
+        Value::Object(fields) => {
+            for (field, v) in fields {
+                flatten_numbers(&format!("{prefix}.{field}"), v, out);
+            }
+        }
+        Value::Number(n) => {
+            if let Some(x) = n.as_f64() {
+                out.insert(prefix.to_string(), x);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The iCE settings of every iCE training run (the report says which variant each number
+/// used).
+fn ice_protocol(trainings: &[Value]) -> Vec<Value> {
+    trainings
+        .iter()
+        .filter(|t| t["objective"] == "ice")
+        .map(|t| json!({ "stage": t["stage"], "settings": t["settings"]["ice"] }))
+        .collect()
+}
+
+/// Fig. 5 from the probes: bounds on I(y; z_s) and I(y; z_n) per model, on clean test data
+/// and on metamers, as a bar chart and a table.
+fn information(ctx: &mut StageContext, probes: &[(String, Value)]) -> Result<Value> {
+    let mut groups = Vec::new();
+    let mut rows = Vec::new();
+    let mut entropy = None;
+    for (stage, probe) in probes {
+        for (set, label) in [("test", "clean test"), ("metamers", "metamers")] {
+            let bound = |view: &str| probe["views"][view][set]["information_bound_bits"].as_f64();
+            let (Some(s), Some(n)) = (bound("z_s"), bound("z_n")) else {
+                continue;
+            };
+            let h = probe["views"]["z_n"][set]["label_entropy_bits"].as_f64();
+            if set == "test" {
+                entropy = entropy.or(h);
+            }
+            groups.push(BarGroup {
+                label: format!("{stage}: {label}"),
+                values: vec![s, n],
+            });
+            rows.push(json!({
+                "stage": stage, "set": label,
+                "z_s": format!("{s:.3}"), "z_n": format!("{n:.3}"),
+                "entropy": h.map_or("—".to_string(), |h| format!("{h:.3}")),
+                "z_s_error": probe["views"]["z_s"][set]["error"].as_f64().map_or("—".to_string(), |v| format!("{v:.2}")),
+                "z_n_error": probe["views"]["z_n"][set]["error"].as_f64().map_or("—".to_string(), |v| format!("{v:.2}")),
+            }));
+        }
+    }
+    let figure = if groups.is_empty() {
+        String::new()
+    } else {
+        let link = "figures/information_bars.svg".to_string();
+        let svg = bar_chart(
+            "Measured lower bounds on label information (bits)",
+            "bits",
+            &["I(y; z_s) ≥", "I(y; z_n) ≥"],
+            &groups,
+            entropy.map(|h| ("H(y)", h)),
+        );
+        ctx.write_output(&link, svg.as_bytes())?;
+        link
+    };
+    Ok(json!({ "figure": figure, "rows": rows }))
 }
 
 /// An upstream JSON output.
@@ -132,6 +207,8 @@ impl StageKind for Report {
         let mut datasets = Vec::new();
         let mut trainings = Vec::new();
         let mut metamer_sets = Vec::new();
+        let mut probes: Vec<(String, Value)> = Vec::new();
+        let mut interpolations = Vec::new();
         for stage in &upstream {
             let names: Vec<String> = ctx
                 .input_names(stage)
@@ -142,18 +219,36 @@ impl StageKind for Report {
                 datasets.push(dataset_entry(ctx, stage)?);
             }
             let has = |name: &str| names.iter().any(|n| n == name);
-            for file in ["evaluation.json", "ensemble.json", "metamers.json"] {
+            for file in [
+                "evaluation.json",
+                "ensemble.json",
+                "metamers.json",
+                "probe.json",
+                "interpolation.json",
+            ] {
                 if has(file) {
-                    for (field, v) in read_json(ctx, stage, file)?
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                    {
-                        if let Some(x) = v.as_f64() {
-                            metrics.insert(format!("{stage}.{field}"), x);
-                        }
-                    }
+                    flatten_numbers(stage, &read_json(ctx, stage, file)?, &mut metrics);
                 }
+            }
+            if has("probe.json") {
+                probes.push((stage.clone(), read_json(ctx, stage, "probe.json")?));
+            }
+            if has("interpolation.json") {
+                let value = read_json(ctx, stage, "interpolation.json")?;
+                let pct = |field: &str| {
+                    value[field]
+                        .as_f64()
+                        .map_or("—".to_string(), |v| format!("{:.1}", 100.0 * v))
+                };
+                interpolations.push(json!({
+                    "stage": stage, "paths": value["paths"], "steps": value["steps"],
+                    "strips": copy_figure(ctx, stage, "strips.png")?,
+                    "changes": pct("fraction_label_changes"),
+                    "ends_as_b": pct("fraction_ends_as_nuisance_source"),
+                    "starts_as_a": pct("fraction_starts_as_logit_source"),
+                    "max_logit_drift": value["max_logit_drift"].as_f64().map_or("—".to_string(), |v| format!("{v:.2e}")),
+                    "provenance": upstream_provenance(ctx, stage),
+                }));
             }
             if has("metamers.json") {
                 let value = read_json(ctx, stage, "metamers.json")?;
@@ -191,14 +286,14 @@ impl StageKind for Report {
             .iter()
             .map(|row| {
                 let get = |field: &str| metrics.get(&format!("{}.{field}", row.stage)).copied();
-                let measured = !row.stage.is_empty() && get("test_error").is_some();
+                let measured = !row.stage.is_empty() && get(&row.test_metric).is_some();
                 json!({
                     "label": row.label, "stage": row.stage, "measured": measured,
-                    "quoted_only": row.stage.is_empty(),
-                    "test_error": get("test_error").map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
-                    "train_error": get("train_error").map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
-                    "n_test": get("n_test").map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
-                    "n_train": get("n_train").map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
+                    "quoted_only": row.stage.is_empty(), "group": row.group, "note": row.note,
+                    "test_error": get(&row.test_metric).map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "train_error": get(&row.train_metric).map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    "n_test": get(&row.n_test_metric).map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
+                    "n_train": get(&row.n_train_metric).map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
                     "paper_test": row.paper_test.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
                     "paper_train": row.paper_train.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
                     "provenance": ctx.upstream_manifest(&row.stage).map(provenance),
@@ -213,7 +308,7 @@ impl StageKind for Report {
                 json!({
                     "id": c.id, "statement": c.statement, "paper_value": c.paper_value,
                     "tolerance": c.tolerance, "profiles": c.profiles.join(", "), "source": c.source,
-                    "ours": ours.map(number).unwrap_or_else(|| "—".into()),
+                    "ours": if ours.is_empty() { "—".to_string() } else { ours.iter().map(|&v| number(v)).collect::<Vec<_>>().join(" / ") },
                     "verdict": verdict, "note": note,
                 })
             })
@@ -242,6 +337,9 @@ impl StageKind for Report {
             "accuracy": accuracy,
             "trainings": trainings,
             "metamers": metamer_sets,
+            "ice": ice_protocol(&trainings),
+            "information": information(ctx, &probes)?,
+            "interpolations": interpolations,
             "text": texts,
         });
         let html = render(
