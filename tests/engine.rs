@@ -527,6 +527,54 @@ fn pipeline_mistakes_are_config_errors_with_file_and_location() {
 }
 
 #[test]
+fn a_stage_limited_to_other_profiles_is_dropped_with_its_optional_inputs() {
+    let text = format!(
+        "{PIPELINE}\n[[stage]]\nname = \"extra\"\nkind = \"upper\"\ninputs = [\"source\"]\nprofiles = [\"wide\"]\n\n[[stage]]\nname = \"reader\"\nkind = \"upper\"\ninputs = [\"source\", \"extra?\"]\n"
+    );
+    let repo = Repo::new(&text);
+    std::fs::write(repo.root.join("pipeline/profiles/wide.toml"), "").unwrap();
+    let load = |profile: &str| {
+        Pipeline::load(
+            &repo.root.join("pipeline/pipeline.toml"),
+            profile,
+            &[],
+            &registry().names(),
+        )
+    };
+    let narrow = load("test").unwrap();
+    assert!(narrow.stage("extra").is_none());
+    assert_eq!(narrow.stage("reader").unwrap().inputs.len(), 1);
+    let wide = load("wide").unwrap();
+    assert!(wide.stage("extra").is_some());
+    assert_eq!(wide.stage("reader").unwrap().inputs.len(), 2);
+
+    // A required input on a stage of another profile is a config error naming both.
+    std::fs::write(
+        repo.root.join("pipeline/pipeline.toml"),
+        text.replace("\"extra?\"", "\"extra\""),
+    )
+    .unwrap();
+    let err = load("test").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("\"reader\" needs stage \"extra\", which exists only in profiles wide"),
+        "{err}"
+    );
+    // So is a profile name that does not exist.
+    std::fs::write(
+        repo.root.join("pipeline/pipeline.toml"),
+        text.replace("profiles = [\"wide\"]", "profiles = [\"wdie\"]"),
+    )
+    .unwrap();
+    let err = load("test").unwrap_err();
+    assert!(
+        err.to_string().contains("unknown profile \"wdie\""),
+        "{err}"
+    );
+    assert!(err.location.contains("pipeline.toml:"), "{}", err.location);
+}
+
+#[test]
 fn the_same_key_gives_the_same_bytes_in_a_fresh_store() {
     let a = Repo::new(PIPELINE);
     let b = Repo::new(PIPELINE);

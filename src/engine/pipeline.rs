@@ -16,6 +16,11 @@
 //! files = ["paper/templates"]             # repository files whose content is in the key
 //! export = "report"                       # outputs are copied to artifacts/report/
 //! params = { profile = "cpu" }
+//!
+//! [[stage]]
+//! name = "ablation"
+//! kind = "ablation"
+//! profiles = ["ablation"]                 # exists only in these profiles (default: all)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -110,6 +115,10 @@ struct StageDecl {
     files: Vec<Spanned<String>>,
     #[serde(default)]
     export: Option<String>,
+    /// Profiles the stage exists in (empty: all). A stage outside the active profile is
+    /// dropped; an optional input naming it is dropped with it, a required one is an error.
+    #[serde(default)]
+    profiles: Vec<Spanned<String>>,
     #[serde(default)]
     params: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
 }
@@ -358,6 +367,54 @@ impl Pipeline {
                 )));
             };
             override_param(stage, param, Param::parse_cli(value)).map_err(located)?;
+        }
+
+        // Stages that exist only in other profiles.
+        let absent: HashMap<String, Vec<String>> = decl
+            .stage
+            .iter()
+            .filter(|s| {
+                !s.profiles.is_empty() && !s.profiles.iter().any(|p| p.get_ref() == profile)
+            })
+            .map(|s| {
+                let profiles = s.profiles.iter().map(|p| p.get_ref().clone()).collect();
+                (s.name.get_ref().clone(), profiles)
+            })
+            .collect();
+        for s in &decl.stage {
+            for p in &s.profiles {
+                if !available_profiles(file).contains(p.get_ref()) {
+                    return Err(src.err(
+                        p.span().start,
+                        format!(
+                            "stage {:?}: unknown profile {:?}; valid profiles: {}",
+                            s.name.get_ref(),
+                            p.get_ref(),
+                            one_of(available_profiles(file).iter().map(String::as_str))
+                        ),
+                    ));
+                }
+            }
+        }
+        stages.retain(|s| !absent.contains_key(&s.name));
+        for stage in &mut stages {
+            if let Some(input) = stage
+                .inputs
+                .iter()
+                .find(|i| !i.optional && absent.contains_key(&i.stage))
+            {
+                return Err(ConfigError {
+                    location: format!("{} (profile {profile})", file.display()),
+                    message: format!(
+                        "stage {:?} needs stage {:?}, which exists only in profiles {}; make the input optional (\"{}?\")",
+                        stage.name,
+                        input.stage,
+                        absent[&input.stage].join(", "),
+                        input.stage
+                    ),
+                });
+            }
+            stage.inputs.retain(|i| !absent.contains_key(&i.stage));
         }
 
         let description = if pdecl.profile.expected_runtime.is_empty() {
