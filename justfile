@@ -9,6 +9,11 @@ default:
 reproduce profile="cpu":
     cargo run --release --quiet --bin repro -- --profile {{profile}} reproduce
 
+# The iCE ablation (profile `ablation` = cpu + the sweep; the shared stages are cache hits
+# after `just reproduce`)
+ablation:
+    cargo run --release --quiet --bin repro -- --profile ablation reproduce
+
 # Run the test suite (formatting, lints, CUDA type-check, unit, integration and end-to-end tests)
 test:
     cargo fmt --check

@@ -5,7 +5,8 @@
 //! - [`engine`]: a generic DAG of stages over a content-addressed store (keys, locks,
 //!   atomic publishing, explain, verify, gc). Knows nothing about tensors or the paper.
 //! - the paper: [`stages`] (one file per stage kind, each naming the paper section it covers),
-//!   built on [`data`] (dataset readers) and [`report`] (figures and HTML rendering).
+//!   built on [`data`] (dataset readers), [`nn`] (models on dfdx), [`training`] (stage params
+//!   → training settings, the checkpointed loop) and [`report`] (figures, HTML rendering).
 //!
 //! The binary `repro` (src/main.rs) is the command line over both.
 
@@ -14,3 +15,4 @@ pub mod engine;
 pub mod nn;
 pub mod report;
 pub mod stages;
+pub mod training;

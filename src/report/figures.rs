@@ -28,12 +28,24 @@ fn nice_max(v: f64) -> f64 {
 
 /// A line plot with axes from 0 (x from the smallest x), ticks, a legend and a title.
 pub fn line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    plot(title, x_label, y_label, series, true)
+}
+
+/// The same axes with unconnected points (each point its own configuration).
+pub fn scatter_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    plot(title, x_label, y_label, series, false)
+}
+
+fn plot(title: &str, x_label: &str, y_label: &str, series: &[Series], lines: bool) -> String {
     let (width, height) = (560.0, 340.0);
     let (left, right, top, bottom) = (64.0, 150.0, 36.0, 48.0);
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let x_min = xs.clone().fold(f64::INFINITY, f64::min).min(f64::INFINITY);
     let x_max = xs.fold(f64::NEG_INFINITY, f64::max);
-    let (x_min, x_max) = if x_min.is_finite() && x_max > x_min {
+    let (x_min, x_max) = if !lines {
+        // Scatter: both axes from 0, so distances to the origin read as ratios.
+        (0.0, nice_max(x_max.max(0.0)))
+    } else if x_min.is_finite() && x_max > x_min {
         (x_min, x_max)
     } else {
         (0.0, 1.0)
@@ -111,11 +123,13 @@ pub fn line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -
             .iter()
             .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
             .collect();
-        let _ = write!(
-            svg,
-            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
-            points.join(" ")
-        );
+        if lines {
+            let _ = write!(
+                svg,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+                points.join(" ")
+            );
+        }
         for &(x, y) in &s.points {
             let _ = write!(
                 svg,

@@ -5,6 +5,7 @@
 //! Adding a stage kind = a file here, a line in [`registry`], and a `[[stage]]` in
 //! `pipeline/pipeline.toml`. Nothing in `crate::engine` changes.
 
+pub mod ablation;
 pub mod ensemble;
 pub mod evaluate;
 pub mod fashion_mnist;
@@ -41,5 +42,6 @@ pub fn registry() -> Registry {
         .with(metamers::Metamers)
         .with(probe::ProbeStage)
         .with(interpolate::Interpolate)
+        .with(ablation::Ablation)
         .with(report::Report)
 }

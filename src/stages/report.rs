@@ -209,6 +209,7 @@ impl StageKind for Report {
         let mut metamer_sets = Vec::new();
         let mut probes: Vec<(String, Value)> = Vec::new();
         let mut interpolations = Vec::new();
+        let mut ablations = Vec::new();
         for stage in &upstream {
             let names: Vec<String> = ctx
                 .input_names(stage)
@@ -229,6 +230,32 @@ impl StageKind for Report {
                 if has(file) {
                     flatten_numbers(stage, &read_json(ctx, stage, file)?, &mut metrics);
                 }
+            }
+            if has("ablation.json") {
+                let value = read_json(ctx, stage, "ablation.json")?;
+                let fmt = |v: &Value| v.as_f64().map_or("—".to_string(), |v| format!("{v:.2}"));
+                let rows: Vec<Value> = value["rows"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| {
+                        json!({
+                            "objective": r["objective"], "adversary": r["adversary"].as_str().unwrap_or("—"),
+                            "w_adv": r["w_adv"].as_f64().map_or("—".to_string(), |v| format!("{v}")),
+                            "inner_steps": r["inner_steps"].as_u64().map_or("—".to_string(), |v| v.to_string()),
+                            "epoch": r["epoch"], "logit_test_error": fmt(&r["logit_test_error"]),
+                            "adversary_test_error": fmt(&r["adversary_test_error"]),
+                            "probe_test_error": fmt(&r["probe_test_error"]),
+                            "probe_train_error": fmt(&r["probe_train_error"]),
+                            "probe_bound_bits": r["probe_bound_bits"].as_f64().map_or("—".to_string(), |v| format!("{v:.3}")),
+                        })
+                    })
+                    .collect();
+                ablations.push(json!({
+                    "stage": stage, "rows": rows, "figure": copy_figure(ctx, stage, "ablation.svg")?,
+                    "n_train": value["base"]["train_limit"], "n_test": value["n_test"],
+                    "n_probe_fit": value["n_probe_fit"], "provenance": upstream_provenance(ctx, stage),
+                }));
             }
             if has("probe.json") {
                 probes.push((stage.clone(), read_json(ctx, stage, "probe.json")?));
@@ -340,6 +367,7 @@ impl StageKind for Report {
             "ice": ice_protocol(&trainings),
             "information": information(ctx, &probes)?,
             "interpolations": interpolations,
+            "ablations": ablations,
             "text": texts,
         });
         let html = render(

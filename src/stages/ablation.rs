@@ -1,0 +1,315 @@
+//! Stage `ablation`: which iCE settings, if any, empty z_n at the `cpu` scale, and what that
+//! costs in accuracy.
+//!
+//! Paper: § 4 and Table 2 (claims C2, C4). The issue that introduced iCE here measured that an
+//! independent PyTorch run at this scale did *not* empty z_n with either the clipped (`paper`)
+//! or the shuffled-label (`confusion`) term, so instead of tuning one setting toward the
+//! paper's number we sweep them: CE, and iCE over `grid_adversary` × `grid_w_adv` ×
+//! `grid_inner_steps`, each scored after every epoch in `grid_epochs` (one training run per
+//! cell, read at several epochs: the learning rate is constant, so the state after epoch e is
+//! exactly that of an e-epoch run). Every score is the logit test error and a *fresh probe*
+//! on z_n (the honest bound; the adversary's own error is shown beside it).
+//! Only in the `ablation` profile (`profiles = ["ablation"]` in pipeline.toml).
+//! Inputs: the four MNIST arrays. Params: the `train` stage's model and training params (the
+//! iCE ones are the base every cell overrides), the grids, and the probe's params.
+//! Outputs: `ablation.json` (one row per cell and epoch), `ablation.svg` (logit test error
+//! against fresh-probe z_n test error, one colour per adversary variant).
+//! Checkpoints: each cell's trainer after every epoch, and the finished rows, so a killed run
+//! resumes where it stopped.
+//!
+//! Modules: data, nn, report/figures, training
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::Arrays;
+use crate::engine::{Finished, Param, StageContext, StageKind};
+use crate::nn::ice::{AdversaryVariant, IceSettings};
+use crate::nn::model::Model;
+use crate::nn::nuisance::{latent_views, readout_raw, train_probe, Features, ProbeSettings};
+use crate::nn::train::{TrainSettings, Trainer};
+use crate::nn::{device, rng_for, Dev};
+use crate::report::figures::{scatter_plot, Series};
+use crate::training::{model_config, train_settings, usize_param};
+
+pub struct Ablation;
+
+/// One cell of the grid at one epoch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Row {
+    objective: String,
+    adversary: Option<AdversaryVariant>,
+    w_adv: Option<f32>,
+    inner_steps: Option<usize>,
+    epoch: usize,
+    logit_test_error: f64,
+    logit_train_error: f64,
+    /// The jointly trained adversary's test error on z_n (iCE only).
+    adversary_test_error: Option<f64>,
+    probe_test_error: f64,
+    probe_train_error: f64,
+    probe_bound_bits: f64,
+}
+
+fn list(ctx: &StageContext, name: &str) -> Result<Vec<Param>> {
+    match ctx.params().get(name) {
+        Some(Param::List(items)) if !items.is_empty() => Ok(items.clone()),
+        _ => bail!("param {}.{name} must be a non-empty list", ctx.name()),
+    }
+}
+
+fn variant(ctx: &StageContext, p: &Param) -> Result<AdversaryVariant> {
+    Ok(match p {
+        Param::Str(s) if s == "paper" => AdversaryVariant::Paper,
+        Param::Str(s) if s == "confusion" => AdversaryVariant::Confusion,
+        Param::Str(s) if s == "code" => AdversaryVariant::Code,
+        other => bail!(
+            "param {}.grid_adversary: {other} is not paper, confusion or code",
+            ctx.name()
+        ),
+    })
+}
+
+fn number(ctx: &StageContext, name: &str, p: &Param) -> Result<f64> {
+    match p {
+        Param::Float(v) => Ok(*v),
+        Param::Int(v) => Ok(*v as f64),
+        other => bail!("param {}.{name}: {other} is not a number", ctx.name()),
+    }
+}
+
+/// The probe's z_n readouts of a trained flow: (test, train) error and the test bound.
+fn probe_nuisance(
+    dev: &Dev,
+    trainer: &Trainer,
+    data: &Arrays,
+    fit: &[usize],
+    validation: &[usize],
+    n_test: usize,
+    settings: &ProbeSettings,
+) -> Result<(f64, f64, f64, Option<f64>)> {
+    let Model::RevNet(flow) = &trainer.model else {
+        bail!("the ablation trains fi-RevNets");
+    };
+    let views = |images: &[u8], labels: &[u8], rows: &[usize]| -> Features {
+        latent_views(dev, flow, images, labels, rows).1
+    };
+    let fit_n = views(&data.train_images, &data.train_labels, fit);
+    let validation_n = views(&data.train_images, &data.train_labels, validation);
+    let test_indices: Vec<usize> = (0..n_test).collect();
+    let test_n = views(&data.test_images, &data.test_labels, &test_indices);
+    let probe = train_probe(dev, &fit_n, &validation_n, 10, settings, &|_, _| {})?;
+    let test = probe.readout(dev, &test_n);
+    let train = probe.readout(dev, &fit_n);
+    let adversary = trainer
+        .ice
+        .as_ref()
+        .map(|ice| readout_raw(dev, &ice.adversary, &test_n).error);
+    Ok((
+        test.error,
+        train.error,
+        test.information_bound_bits,
+        adversary,
+    ))
+}
+
+impl StageKind for Ablation {
+    fn kind(&self) -> &str {
+        "ablation"
+    }
+
+    fn code_fingerprint(&self) -> String {
+        super::code_fingerprint("ablation")
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        let dev = device();
+        let data = Arrays::read(|name| ctx.input_named(name))?;
+        let config = model_config(ctx)?;
+        let base = train_settings(ctx, ctx.seed())?;
+        let Some(base_ice) = base.ice.clone() else {
+            bail!(
+                "param {}.objective must be \"ice\" (the base every iCE cell overrides)",
+                ctx.name()
+            );
+        };
+        let mut epochs: Vec<usize> = list(ctx, "grid_epochs")?
+            .iter()
+            .map(|p| number(ctx, "grid_epochs", p).map(|v| v.max(1.0) as usize))
+            .collect::<Result<_>>()?;
+        epochs.sort_unstable();
+        epochs.dedup();
+        let last_epoch = *epochs.last().expect("non-empty list");
+
+        // The cells: CE first, then iCE over the grid.
+        let mut cells: Vec<Option<IceSettings>> = vec![None];
+        for v in list(ctx, "grid_adversary")? {
+            for w in list(ctx, "grid_w_adv")? {
+                for k in list(ctx, "grid_inner_steps")? {
+                    cells.push(Some(IceSettings {
+                        variant: variant(ctx, &v)?,
+                        w_adv: number(ctx, "grid_w_adv", &w)? as f32,
+                        inner_steps: number(ctx, "grid_inner_steps", &k)? as usize,
+                        ..base_ice.clone()
+                    }));
+                }
+            }
+        }
+
+        let probe_settings = ProbeSettings {
+            width: usize_param(ctx, "probe_width")?,
+            layers: usize_param(ctx, "probe_layers")?.max(1),
+            dropout: ctx.param_float("probe_dropout")? as f32,
+            epochs: usize_param(ctx, "probe_epochs")?.max(1),
+            batch_size: usize_param(ctx, "probe_batch_size")?.max(1),
+            lr: ctx.param_float("probe_lr")? as f32,
+            seed: ctx.seed(),
+        };
+        let limit = |n: usize, l: usize| if l == 0 { n } else { n.min(l) };
+        let n_probe = limit(
+            data.train_labels.len(),
+            usize_param(ctx, "probe_train_limit")?,
+        );
+        let n_validation = usize_param(ctx, "probe_validation")?;
+        if n_validation == 0 || n_validation >= n_probe {
+            bail!(
+                "param {}.probe_validation = {n_validation} must be between 1 and probe_train_limit ({n_probe})",
+                ctx.name()
+            );
+        }
+        let mut order: Vec<usize> = (0..n_probe).collect();
+        rand::seq::SliceRandom::shuffle(
+            &mut order[..],
+            &mut rng_for(ctx.seed(), "probe-validation"),
+        );
+        let (validation, fit) = order.split_at(n_validation);
+        let n_test = limit(data.test_labels.len(), base.test_limit);
+
+        let mut rows: Vec<Row> = match ctx.checkpoint_load("rows")? {
+            Some(bytes) => serde_json::from_slice(&bytes)?,
+            None => Vec::new(),
+        };
+        let rows_per_cell = epochs.len();
+        let done_cells = rows.len() / rows_per_cell;
+        if done_cells > 0 {
+            ctx.log(format!(
+                "resumed after {done_cells} of {} cells",
+                cells.len()
+            ));
+        }
+        for (index, ice) in cells.iter().enumerate().skip(done_cells) {
+            let name = format!("cell{index}");
+            let settings = TrainSettings {
+                epochs: last_epoch,
+                ice: ice.clone(),
+                ..base.clone()
+            };
+            let model = Model::new(&dev, &config, &mut rng_for(settings.seed, "init"));
+            let mut trainer = Trainer::new(&dev, model, settings, &data);
+            if let Some(bytes) = ctx.checkpoint_load(&name)? {
+                trainer.restore(&dev, &bytes)?;
+            }
+            let label = match ice {
+                None => "CE".to_string(),
+                Some(i) => format!(
+                    "iCE {:?}, w_adv {}, {} inner steps",
+                    i.variant, i.w_adv, i.inner_steps
+                ),
+            };
+            // Rows are saved before the trainer, so a kill in between replays one epoch
+            // (deterministically) and replaces its row instead of losing it.
+            let rows_name = format!("{name}-rows");
+            let mut cell_rows: Vec<Row> = match ctx.checkpoint_load(&rows_name)? {
+                Some(bytes) => serde_json::from_slice(&bytes)?,
+                None => Vec::new(),
+            };
+            while trainer.history.len() < last_epoch {
+                let start = std::time::Instant::now();
+                let m = trainer.run_epoch(&dev, &data, &|_| {});
+                ctx.log(format!(
+                    "{label}: epoch {} logit test error {:.2} % ({:.0} s)",
+                    m.epoch,
+                    m.test_error,
+                    start.elapsed().as_secs_f64()
+                ));
+                if epochs.contains(&m.epoch) {
+                    let (probe_test, probe_train, bound, adversary) = probe_nuisance(
+                        &dev,
+                        &trainer,
+                        &data,
+                        fit,
+                        validation,
+                        n_test,
+                        &probe_settings,
+                    )?;
+                    ctx.log(format!(
+                        "{label}: after epoch {}: fresh probe on z_n {probe_test:.2} % (train {probe_train:.2} %, I(y; z_n) ≥ {bound:.3} bits){}",
+                        m.epoch,
+                        adversary.map_or(String::new(), |a| format!(", adversary {a:.2} %"))
+                    ));
+                    cell_rows.retain(|r| r.epoch != m.epoch);
+                    cell_rows.push(Row {
+                        objective: if ice.is_some() { "ice" } else { "ce" }.to_string(),
+                        adversary: ice.as_ref().map(|i| i.variant),
+                        w_adv: ice.as_ref().map(|i| i.w_adv),
+                        inner_steps: ice.as_ref().map(|i| i.inner_steps),
+                        epoch: m.epoch,
+                        logit_test_error: m.test_error,
+                        logit_train_error: m.train_error,
+                        adversary_test_error: adversary,
+                        probe_test_error: probe_test,
+                        probe_train_error: probe_train,
+                        probe_bound_bits: bound,
+                    });
+                    ctx.checkpoint_save(&rows_name, &serde_json::to_vec(&cell_rows)?)?;
+                }
+                ctx.checkpoint_save(&name, &trainer.checkpoint()?)?;
+            }
+            rows.extend(cell_rows);
+            ctx.checkpoint_save("rows", &serde_json::to_vec(&rows)?)?;
+        }
+
+        let mut series: Vec<Series> = Vec::new();
+        for (name, pick) in [
+            ("CE", None),
+            ("iCE paper", Some(AdversaryVariant::Paper)),
+            ("iCE confusion", Some(AdversaryVariant::Confusion)),
+            ("iCE code", Some(AdversaryVariant::Code)),
+        ] {
+            let points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.adversary == pick)
+                .map(|r| (r.logit_test_error, r.probe_test_error))
+                .collect();
+            if !points.is_empty() {
+                series.push(Series {
+                    name: name.to_string(),
+                    points,
+                });
+            }
+        }
+        ctx.write_output(
+            "ablation.svg",
+            scatter_plot(
+                "Ablation: accuracy against label information left in z_n",
+                "logit test error (%)",
+                "fresh probe on z_n: test error (%)",
+                &series,
+            )
+            .as_bytes(),
+        )?;
+        let result = json!({
+            "model": config,
+            "base": base,
+            "grid_epochs": epochs,
+            "probe": probe_settings,
+            "n_probe_fit": fit.len(),
+            "n_probe_validation": validation.len(),
+            "n_test": n_test,
+            "rows": rows,
+        });
+        ctx.write_output("ablation.json", &serde_json::to_vec_pretty(&result)?)?;
+        Ok(Finished::Done)
+    }
+}
