@@ -170,7 +170,31 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
         .find(|c| c["id"] == "C1")
         .unwrap();
     assert_eq!(c1["verdict"], "not-judged", "smoke has no rule for C1");
-    assert!(html.contains("fi-RevNet, CE: logits z_s") && html.contains("train_ce_curve.svg"));
+    assert!(html.contains("CE: logits z_s") && html.contains("train_ce_curve.svg"));
+    // Issue 4's sections are there and filled from this run.
+    for section in [
+        "id=\"table2\"",
+        "id=\"information\"",
+        "id=\"interpolation\"",
+        "id=\"ablation\"",
+        "information_bars.svg",
+        "interp_ice_strips.png",
+        "metamers_ice_triplets.png",
+        "ablation_ablation.svg",
+    ] {
+        assert!(html.contains(section), "report lacks {section}");
+    }
+    for metric in [
+        "probe_ce.views.z_n.test.error",
+        "probe_ice.views.z_s.metamers.information_bound_bits",
+        "eval_ice.adversary.test.error",
+        "interp_ice.fraction_label_changes",
+    ] {
+        assert!(
+            results["metrics"][metric].is_number(),
+            "results.json lacks {metric}"
+        );
+    }
     assert!(sb
         .path("artifacts/report/figures/train_ce_curve.svg")
         .is_file());
@@ -439,7 +463,7 @@ fn pipeline_mistakes_exit_2_with_file_and_location_and_leave_the_store_untouched
         (
             good.clone(),
             vec!["--profile", "huge", "reproduce"],
-            "valid profiles: cpu, paper, smoke",
+            "valid profiles: ablation, cpu, paper, smoke",
         ),
     ];
     for (text, args, expected) in cases {
