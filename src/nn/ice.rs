@@ -14,6 +14,12 @@
 //! With `w_adv = 0` and `w_mle = 0` the flow's update is exactly the CE baseline's (tested to
 //! the byte): D trains beside the flow on its own random streams and adds exact zeros to the
 //! gradients.
+//!
+//! Decisions beyond paper-notes § 3: D always reads z_n, the latent without the C logit rows.
+//! The authors' code feeds the whole latent with the logit entries replaced by the constant
+//! 0.1; a constant input only adds a fixed bias to D's first layer, so the `code` variant here
+//! differs from theirs only in that layer's initial bias. In the encoder's term D runs in
+//! evaluation mode (no dropout), so the flow's gradient does not depend on D's dropout draws.
 
 use dfdx::prelude::*;
 use rand::seq::SliceRandom;
