@@ -209,7 +209,7 @@ mod imp {
 
     /// Output pixels per partial sum of the weight gradient. A constant: the summation order
     /// of the weight gradient depends on it.
-    const WEIGHT_CHUNK: usize = 16;
+    const WEIGHT_CHUNK: usize = 8;
 
     /// The widest [`Vector`] (lanes).
     const MAX_W: usize = 16;
@@ -550,8 +550,8 @@ mod imp {
     }
 
     /// The weight and bias gradient as `(O, C·k² + 1)` (the bias last), summed over the
-    /// output pixels in fixed chunks of [`WEIGHT_CHUNK`], in parallel over (chunk, block of
-    /// output channels), then over chunks in chunk order.
+    /// output pixels in fixed chunks of [`WEIGHT_CHUNK`] (in parallel), then over chunks in
+    /// chunk order.
     fn weight_gradient(isa: Isa, plan: &super::Plan, dy: &[f32], x: &[f32], b: usize) -> Vec<f32> {
         let g = plan.geometry;
         let kk = g.kernel * g.kernel;
@@ -578,20 +578,13 @@ mod imp {
         };
         let per_chunk = g.c_out * columns;
         let mut partials = vec![0.0f32; out_pixels.div_ceil(WEIGHT_CHUNK) * per_chunk];
-        let mut tasks = Vec::new();
-        for (chunk, part) in partials.chunks_mut(per_chunk).enumerate() {
-            let pixels = chunk * WEIGHT_CHUNK..((chunk + 1) * WEIGHT_CHUNK).min(out_pixels);
-            let (mut rest, mut o0) = (part, 0);
-            while o0 < g.c_out {
-                let mr = block_rows(g.c_out - o0);
-                let (head, tail) = rest.split_at_mut(mr * columns);
-                tasks.push((pixels.clone(), o0, head));
-                (rest, o0) = (tail, o0 + mr);
-            }
-        }
-        tasks
-            .into_par_iter()
-            .for_each(|(pixels, o0, out)| isa.weight(&job, pixels, o0, out));
+        partials
+            .par_chunks_mut(per_chunk)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let pixels = chunk * WEIGHT_CHUNK..((chunk + 1) * WEIGHT_CHUNK).min(out_pixels);
+                isa.weight(&job, pixels, out)
+            });
         let mut sums = vec![0.0f32; per_chunk];
         for part in partials.chunks(per_chunk) {
             for (s, p) in sums.iter_mut().zip(part) {
@@ -618,94 +611,119 @@ mod imp {
     }
 
     impl WeightGrad<'_> {
-        /// The row weight column `k` multiplies at output pixel `p` (zeros in the padding and
-        /// past the last column).
+        /// The row (`b` floats) weight column `k` multiplies at output pixel `p` (zeros in the
+        /// padding and past the last column).
         #[inline(always)]
         fn row(&self, k: usize, p: usize) -> &[f32] {
             let bias = self.columns - 1;
-            if k < bias {
+            let row = if k < bias {
                 let (c, tap) = (k / self.taps, k % self.taps);
                 match self.sources[p * self.taps + tap] {
                     NONE => self.zeros,
-                    q => &self.x[(c * self.in_pixels + q as usize) * self.b..][..self.b],
+                    q => &self.x[(c * self.in_pixels + q as usize) * self.b..],
                 }
             } else if k == bias {
                 self.ones
             } else {
                 self.zeros
-            }
+            };
+            &row[..self.b]
         }
     }
 
-    /// One task of [`weight_gradient`]: `out[i·columns + k] = Σ_{p ∈ pixels} Σ_lanes
-    /// dy[o0 + i, p] · row(k, p)` for the `out.len() / columns` rows from `o0`.
+    /// One task of [`weight_gradient`]: `out[o·columns + k] = Σ_{p ∈ pixels} Σ_lanes
+    /// dy[o, p] · row(k, p)`. Tiles of `KR` columns in the outer loop, so that their input rows
+    /// stay in L1 while every block of output channels passes over them: streaming those rows
+    /// from L2 for each block instead made this pass three times slower than the forward.
     #[inline(always)]
     fn weight_task<V: Vector, const KR: usize>(
         job: &WeightGrad,
         pixels: Range<usize>,
-        o0: usize,
         out: &mut [f32],
     ) {
-        match out.len() / job.columns {
-            4 => weight_tile::<V, 4, KR>(job, pixels, o0, out),
-            2 => weight_tile::<V, 2, KR>(job, pixels, o0, out),
-            _ => weight_tile::<V, 1, KR>(job, pixels, o0, out),
+        let c_out = out.len() / job.columns;
+        for k0 in (0..job.columns).step_by(KR) {
+            let mut o0 = 0;
+            while o0 < c_out {
+                let mr = block_rows(c_out - o0);
+                let tile = (o0, k0);
+                match mr {
+                    4 => weight_tile::<V, 4, KR>(job, pixels.clone(), tile, out),
+                    2 => weight_tile::<V, 2, KR>(job, pixels.clone(), tile, out),
+                    _ => weight_tile::<V, 1, KR>(job, pixels.clone(), tile, out),
+                }
+                o0 += mr;
+            }
         }
     }
 
-    /// `MR` output channels × `KR` weight columns in registers (one vector of lanes each),
-    /// over the pixels and all lanes; the lanes are summed at the end.
+    /// `MR` output channels × `KR` weight columns from `(o0, k0)`, in registers (one vector of
+    /// lanes each) over the pixels and all lanes; the lanes are summed at the end.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // fixed-size register blocks read best as indices
     fn weight_tile<V: Vector, const MR: usize, const KR: usize>(
         job: &WeightGrad,
         pixels: Range<usize>,
-        o0: usize,
+        (o0, k0): (usize, usize),
         out: &mut [f32],
     ) {
         let b = job.b;
-        for k0 in (0..job.columns).step_by(KR) {
-            let mut acc = [[V::splat(0.0); KR]; MR];
-            for p in pixels.clone() {
-                let mut dy = [job.zeros; MR];
-                for i in 0..MR {
-                    dy[i] = &job.dy[((o0 + i) * job.out_pixels + p) * b..][..b];
-                }
-                let mut xs = [job.zeros; KR];
-                for j in 0..KR {
-                    xs[j] = job.row(k0 + j, p);
-                }
-                let mut lane = 0;
-                while lane < b {
-                    let part = b - lane < V::W;
-                    let mut d = [V::splat(0.0); MR];
-                    for i in 0..MR {
-                        d[i] = load_lanes(dy[i], lane, part);
-                    }
-                    for j in 0..KR {
-                        let xv = load_lanes(xs[j], lane, part);
-                        for i in 0..MR {
-                            acc[i][j] = d[i].mul_add(xv, acc[i][j]);
-                        }
-                    }
-                    lane += V::W;
-                }
-            }
+        let dy_row = |i: usize, p: usize| &job.dy[((o0 + i) * job.out_pixels + p) * b..][..b];
+        let full = b - b % V::W;
+        let mut acc = [[V::splat(0.0); KR]; MR];
+        for p in pixels.clone() {
+            // Raw pointers: ten slices' lengths and bounds checks do not fit in the registers
+            // beside 24 accumulators, and spilling them made this loop twice as slow.
+            let mut dy = [std::ptr::null(); MR];
             for i in 0..MR {
-                for j in 0..KR.min(job.columns - k0) {
-                    out[i * job.columns + k0 + j] = acc[i][j].sum();
+                dy[i] = dy_row(i, p).as_ptr();
+            }
+            let mut xs = [std::ptr::null(); KR];
+            for j in 0..KR {
+                xs[j] = job.row(k0 + j, p).as_ptr();
+            }
+            let mut lane = 0;
+            while lane < full {
+                let mut d = [V::splat(0.0); MR];
+                for i in 0..MR {
+                    // SAFETY: every row holds `b` floats (`dy_row`, `WeightGrad::row`) and
+                    // `lane + W <= full <= b`.
+                    d[i] = unsafe { V::load_ptr(dy[i].add(lane)) };
+                }
+                for j in 0..KR {
+                    // SAFETY: as above.
+                    let xv = unsafe { V::load_ptr(xs[j].add(lane)) };
+                    for i in 0..MR {
+                        acc[i][j] = d[i].mul_add(xv, acc[i][j]);
+                    }
+                }
+                lane += V::W;
+            }
+        }
+        // The last partial vector of lanes in a loop of its own: a call there (the portable
+        // partial load) inside the main loop made LLVM store every accumulator to the stack
+        // after each FMA.
+        if full < b {
+            for p in pixels {
+                let mut d = [V::splat(0.0); MR];
+                for i in 0..MR {
+                    d[i] = V::load_part(&dy_row(i, p)[full..]);
+                }
+                for j in 0..KR {
+                    let xv = V::load_part(&job.row(k0 + j, p)[full..]);
+                    for i in 0..MR {
+                        acc[i][j] = d[i].mul_add(xv, acc[i][j]);
+                    }
                 }
             }
         }
-    }
-
-    /// The vector at `lane` of `row`, a partial one (zero-padded) if `part`.
-    #[inline(always)]
-    fn load_lanes<V: Vector>(row: &[f32], lane: usize, part: bool) -> V {
-        if part {
-            V::load_part(&row[lane..])
-        } else {
-            V::load(&row[lane..])
+        // Constant trip counts (no `KR.min(…)`), so that `acc` stays in registers.
+        for i in 0..MR {
+            for j in 0..KR {
+                if k0 + j < job.columns {
+                    out[(o0 + i) * job.columns + k0 + j] = acc[i][j].sum();
+                }
+            }
         }
     }
 
@@ -714,12 +732,23 @@ mod imp {
     trait Vector: Copy {
         const W: usize;
         fn splat(v: f32) -> Self;
-        /// The first `W` values of `src`.
-        fn load(src: &[f32]) -> Self;
+        /// `W` values from `src`.
+        ///
+        /// # Safety
+        /// `src` must be valid for reading `W` floats.
+        unsafe fn load_ptr(src: *const f32) -> Self;
         /// Into the first `W` values of `dst`.
         fn store(self, dst: &mut [f32]);
         /// `self · a + b`, fused where the instruction set has FMA.
         fn mul_add(self, a: Self, b: Self) -> Self;
+
+        /// The first `W` values of `src`.
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            let src = &src[..Self::W];
+            // SAFETY: `src` holds `W` floats.
+            unsafe { Self::load_ptr(src.as_ptr()) }
+        }
 
         /// `src` (fewer than `W` values) padded with zeros.
         #[inline(always)]
@@ -757,8 +786,9 @@ mod imp {
             Portable([v; 8])
         }
         #[inline(always)]
-        fn load(src: &[f32]) -> Self {
-            Portable(src[..8].try_into().expect("8 lanes"))
+        unsafe fn load_ptr(src: *const f32) -> Self {
+            // SAFETY: the caller guarantees 8 readable floats.
+            Portable(unsafe { src.cast::<[f32; 8]>().read_unaligned() })
         }
         #[inline(always)]
         fn store(self, dst: &mut [f32]) {
@@ -821,15 +851,15 @@ mod imp {
             }
         }
 
-        fn weight(self, job: &WeightGrad, pixels: Range<usize>, o0: usize, out: &mut [f32]) {
+        fn weight(self, job: &WeightGrad, pixels: Range<usize>, out: &mut [f32]) {
             match self {
                 // SAFETY: `Isa::detect` picks these only when the CPU has the features.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { x86::weight_avx512(job, pixels, o0, out) },
+                Isa::Avx512 => unsafe { x86::weight_avx512(job, pixels, out) },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { x86::weight_avx2(job, pixels, o0, out) },
-                Isa::Portable => weight_task::<Portable, 2>(job, pixels, o0, out),
+                Isa::Avx2 => unsafe { x86::weight_avx2(job, pixels, out) },
+                Isa::Portable => weight_task::<Portable, 2>(job, pixels, out),
             }
         }
     }
@@ -858,23 +888,13 @@ mod imp {
         }
 
         #[target_feature(enable = "avx512f,avx2,fma")]
-        pub(super) fn weight_avx512(
-            job: &WeightGrad,
-            pixels: Range<usize>,
-            o0: usize,
-            out: &mut [f32],
-        ) {
-            weight_task::<F32x16, 6>(job, pixels, o0, out)
+        pub(super) fn weight_avx512(job: &WeightGrad, pixels: Range<usize>, out: &mut [f32]) {
+            weight_task::<F32x16, 6>(job, pixels, out)
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub(super) fn weight_avx2(
-            job: &WeightGrad,
-            pixels: Range<usize>,
-            o0: usize,
-            out: &mut [f32],
-        ) {
-            weight_task::<F32x8, 2>(job, pixels, o0, out)
+        pub(super) fn weight_avx2(job: &WeightGrad, pixels: Range<usize>, out: &mut [f32]) {
+            weight_task::<F32x8, 2>(job, pixels, out)
         }
 
         #[derive(Clone, Copy)]
@@ -888,10 +908,10 @@ mod imp {
                 F32x16(unsafe { _mm512_set1_ps(v) })
             }
             #[inline(always)]
-            fn load(src: &[f32]) -> Self {
-                let src = &src[..16];
-                // SAFETY: `src` holds 16 floats; AVX-512F is available (module invariant).
-                F32x16(unsafe { _mm512_loadu_ps(src.as_ptr()) })
+            unsafe fn load_ptr(src: *const f32) -> Self {
+                // SAFETY: the caller guarantees 16 readable floats; AVX-512F is available
+                // (module invariant).
+                F32x16(unsafe { _mm512_loadu_ps(src) })
             }
             #[inline(always)]
             fn store(self, dst: &mut [f32]) {
@@ -903,6 +923,29 @@ mod imp {
             fn mul_add(self, a: Self, b: Self) -> Self {
                 // SAFETY: AVX-512F is available (module invariant).
                 F32x16(unsafe { _mm512_fmadd_ps(self.0, a.0, b.0) })
+            }
+            #[inline(always)]
+            fn load_part(src: &[f32]) -> Self {
+                let mask = ((1u32 << src.len().min(16)) as u16).wrapping_sub(1);
+                // SAFETY: only the first `src.len()` lanes are read (masked-off lanes do not
+                // fault); AVX-512F is available (module invariant).
+                F32x16(unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr()) })
+            }
+            #[inline(always)]
+            fn store_part(self, dst: &mut [f32]) {
+                let mask = ((1u32 << dst.len().min(16)) as u16).wrapping_sub(1);
+                // SAFETY: only the first `dst.len()` lanes are written; AVX-512F is available
+                // (module invariant).
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, self.0) }
+            }
+            #[inline(always)]
+            fn sum(self) -> f32 {
+                // SAFETY: AVX-512F is available (module invariant).
+                let halves = unsafe {
+                    let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0));
+                    _mm256_add_ps(_mm512_castps512_ps256(self.0), _mm256_castpd_ps(high))
+                };
+                F32x8(halves).sum()
             }
         }
 
@@ -917,10 +960,10 @@ mod imp {
                 F32x8(unsafe { _mm256_set1_ps(v) })
             }
             #[inline(always)]
-            fn load(src: &[f32]) -> Self {
-                let src = &src[..8];
-                // SAFETY: `src` holds 8 floats; AVX is available (module invariant).
-                F32x8(unsafe { _mm256_loadu_ps(src.as_ptr()) })
+            unsafe fn load_ptr(src: *const f32) -> Self {
+                // SAFETY: the caller guarantees 8 readable floats; AVX is available (module
+                // invariant).
+                F32x8(unsafe { _mm256_loadu_ps(src) })
             }
             #[inline(always)]
             fn store(self, dst: &mut [f32]) {
@@ -932,6 +975,42 @@ mod imp {
             fn mul_add(self, a: Self, b: Self) -> Self {
                 // SAFETY: FMA is available (module invariant).
                 F32x8(unsafe { _mm256_fmadd_ps(self.0, a.0, b.0) })
+            }
+            #[inline(always)]
+            fn load_part(src: &[f32]) -> Self {
+                // SAFETY: only the first `src.len()` lanes are read (masked-off lanes do not
+                // fault); AVX2 is available (module invariant).
+                F32x8(unsafe { _mm256_maskload_ps(src.as_ptr(), lanes_below(src.len())) })
+            }
+            #[inline(always)]
+            fn store_part(self, dst: &mut [f32]) {
+                // SAFETY: only the first `dst.len()` lanes are written; AVX2 is available
+                // (module invariant).
+                unsafe { _mm256_maskstore_ps(dst.as_mut_ptr(), lanes_below(dst.len()), self.0) }
+            }
+            #[inline(always)]
+            fn sum(self) -> f32 {
+                // SAFETY: AVX is available (module invariant).
+                unsafe {
+                    let q = _mm_add_ps(
+                        _mm256_castps256_ps128(self.0),
+                        _mm256_extractf128_ps::<1>(self.0),
+                    );
+                    let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+                    _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps::<1>(d, d)))
+                }
+            }
+        }
+
+        /// An AVX2 lane mask: all ones in the lanes below `n`.
+        #[inline(always)]
+        fn lanes_below(n: usize) -> __m256i {
+            // SAFETY: AVX2 is available (module invariant).
+            unsafe {
+                _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(n.min(8) as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                )
             }
         }
     }
