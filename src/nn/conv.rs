@@ -79,6 +79,11 @@ impl Plan {
     }
 }
 
+/// Which kernels convolutions run on: `avx512`, `avx2` or `portable` on CPU, `cuda` on CUDA.
+pub fn kernels() -> &'static str {
+    imp::kernels()
+}
+
 /// Convolves `x (C_in·h·w, B)` with `weight (O, C_in·k·k)` and `bias (O,)`, returning
 /// `(O·out_h·out_w, B)`.
 pub fn conv2d<T: Tp>(weight: &Param, bias: &Param, x: T2<T>, plan: &Rc<Plan>) -> T2<T> {
@@ -101,6 +106,10 @@ mod imp {
     use super::super::matmul::wide_matmul;
     use super::super::ops::taped;
     use super::*;
+
+    pub fn kernels() -> &'static str {
+        "cuda"
+    }
 
     pub struct Plan {
         /// `None` for a 1×1, stride 1, unpadded conv.
@@ -292,6 +301,16 @@ mod imp {
                 readers: Lists { offsets, links },
                 sources,
             }
+        }
+    }
+
+    pub fn kernels() -> &'static str {
+        match Isa::get() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
         }
     }
 
