@@ -399,13 +399,10 @@ mod imp {
         a
     }
 
-    /// Result rows per register block: 4, then 2 or 1 for what is left.
-    fn block_rows(left: usize) -> usize {
-        match left {
-            4.. => 4,
-            2 | 3 => 2,
-            _ => 1,
-        }
+    /// Rows per register block: the largest power of two up to `most` and `left`.
+    fn block_rows(left: usize, most: usize) -> usize {
+        let cap = left.min(most).max(1);
+        1 << cap.ilog2()
     }
 
     /// A gathered GEMM. For each result pixel `p` and result channel `m`:
@@ -461,50 +458,61 @@ mod imp {
         }
     }
 
-    /// One task of [`Gemm::run`]: pixels from `p0` on, `out[m]` the piece of result row `m`.
-    /// Per pixel and lane block the register blocks of rows run back to back, so the source
-    /// rows they share stay in L1.
+    /// One task of [`Gemm::run`]: pixels from `p0` on, `out[m]` the piece of result row `m`,
+    /// in register blocks of up to `MR` rows × `NV` vectors. Per pixel and lane block the
+    /// blocks of rows run back to back, so that the source rows they share stay in L1.
     #[inline(always)]
-    fn gemm_task<V: Vector, const NV: usize>(job: &Gemm, p0: usize, out: &mut [&mut [f32]]) {
+    fn gemm_task<V: Vector, const MR: usize, const NV: usize>(
+        job: &Gemm,
+        p0: usize,
+        out: &mut [&mut [f32]],
+    ) {
         let b = job.b;
         let pixels = out[0].len() / b;
         for dp in 0..pixels {
             let links = job.lists.of(p0 + dp);
             let mut lane = 0;
             while lane < b {
-                let n = (b - lane).min(NV * V::W);
+                // A block of NV vectors, else one vector, else the last partial one.
+                let n = match b - lane {
+                    left if left >= NV * V::W => NV * V::W,
+                    left if left >= V::W => V::W,
+                    left => left,
+                };
+                let at = (dp * b + lane, lane);
                 let mut m0 = 0;
                 while m0 < job.rows {
-                    let mr = block_rows(job.rows - m0);
+                    let mr = block_rows(job.rows - m0, MR);
                     let rows = &mut out[m0..m0 + mr];
-                    let at = (dp * b + lane, lane);
-                    match (mr, n) {
-                        (4, n) if n == NV * V::W => {
-                            gemm_block::<V, 4, NV, false>(job, links, m0, rows, at, n)
-                        }
-                        (2, n) if n == NV * V::W => {
-                            gemm_block::<V, 2, NV, false>(job, links, m0, rows, at, n)
-                        }
-                        (1, n) if n == NV * V::W => {
-                            gemm_block::<V, 1, NV, false>(job, links, m0, rows, at, n)
-                        }
-                        (4, n) if n >= V::W => {
-                            gemm_block::<V, 4, 1, false>(job, links, m0, rows, at, V::W)
-                        }
-                        (2, n) if n >= V::W => {
-                            gemm_block::<V, 2, 1, false>(job, links, m0, rows, at, V::W)
-                        }
-                        (1, n) if n >= V::W => {
-                            gemm_block::<V, 1, 1, false>(job, links, m0, rows, at, V::W)
-                        }
-                        (4, n) => gemm_block::<V, 4, 1, true>(job, links, m0, rows, at, n),
-                        (2, n) => gemm_block::<V, 2, 1, true>(job, links, m0, rows, at, n),
-                        (_, n) => gemm_block::<V, 1, 1, true>(job, links, m0, rows, at, n),
+                    match mr {
+                        8 => gemm_rows::<V, 8, NV>(job, links, m0, rows, at, n),
+                        4 => gemm_rows::<V, 4, NV>(job, links, m0, rows, at, n),
+                        2 => gemm_rows::<V, 2, NV>(job, links, m0, rows, at, n),
+                        _ => gemm_rows::<V, 1, NV>(job, links, m0, rows, at, n),
                     }
                     m0 += mr;
                 }
-                lane += if n == NV * V::W || n < V::W { n } else { V::W };
+                lane += n;
             }
+        }
+    }
+
+    /// [`gemm_block`] for `n` lanes: `NV` whole vectors, one, or one partial.
+    #[inline(always)]
+    fn gemm_rows<V: Vector, const MR: usize, const NV: usize>(
+        job: &Gemm,
+        links: &[Link],
+        m0: usize,
+        out: &mut [&mut [f32]],
+        at: (usize, usize),
+        n: usize,
+    ) {
+        if n == NV * V::W {
+            gemm_block::<V, MR, NV, false>(job, links, m0, out, at, n)
+        } else if n == V::W {
+            gemm_block::<V, MR, 1, false>(job, links, m0, out, at, n)
+        } else {
+            gemm_block::<V, MR, 1, true>(job, links, m0, out, at, n)
         }
     }
 
@@ -664,7 +672,7 @@ mod imp {
         for k0 in (0..job.columns).step_by(KR) {
             let mut o0 = 0;
             while o0 < c_out {
-                let mr = block_rows(c_out - o0);
+                let mr = block_rows(c_out - o0, 4);
                 let tile = (o0, k0);
                 match mr {
                     4 => weight_tile::<V, 4, KR>(job, pixels.clone(), tile, out),
@@ -866,7 +874,7 @@ mod imp {
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => unsafe { x86::gemm_avx2(job, p0, out) },
-                Isa::Portable => gemm_task::<Portable, 2>(job, p0, out),
+                Isa::Portable => gemm_task::<Portable, 4, 2>(job, p0, out),
             }
         }
 
@@ -898,12 +906,12 @@ mod imp {
 
         #[target_feature(enable = "avx512f,avx2,fma")]
         pub(super) fn gemm_avx512(job: &Gemm, p0: usize, out: &mut [&mut [f32]]) {
-            gemm_task::<F32x16, 4>(job, p0, out)
+            gemm_task::<F32x16, 8, 2>(job, p0, out)
         }
 
         #[target_feature(enable = "avx2,fma")]
         pub(super) fn gemm_avx2(job: &Gemm, p0: usize, out: &mut [&mut [f32]]) {
-            gemm_task::<F32x8, 2>(job, p0, out)
+            gemm_task::<F32x8, 4, 2>(job, p0, out)
         }
 
         #[target_feature(enable = "avx512f,avx2,fma")]
