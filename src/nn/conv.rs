@@ -218,7 +218,7 @@ mod imp {
 
     /// Output pixels per partial sum of the weight gradient. A constant: the summation order
     /// of the weight gradient depends on it.
-    const WEIGHT_CHUNK: usize = 8;
+    const WEIGHT_CHUNK: usize = 16;
 
     /// The widest [`Vector`] (lanes).
     const MAX_W: usize = 16;
@@ -673,22 +673,40 @@ mod imp {
         ones: &'a [f32],
     }
 
+    /// What a weight column multiplies: input rows of one channel at one tap, ones (the
+    /// bias), or zeros (past the last column of a tile).
+    #[derive(Clone, Copy)]
+    enum Column {
+        Input { plane: usize, tap: usize },
+        Ones,
+        Zeros,
+    }
+
     impl WeightGrad<'_> {
-        /// The row (`b` floats) weight column `k` multiplies at output pixel `p` (zeros in the
-        /// padding and past the last column).
-        #[inline(always)]
-        fn row(&self, k: usize, p: usize) -> &[f32] {
+        fn column(&self, k: usize) -> Column {
             let bias = self.columns - 1;
-            let row = if k < bias {
-                let (c, tap) = (k / self.taps, k % self.taps);
-                match self.sources[p * self.taps + tap] {
-                    NONE => self.zeros,
-                    q => &self.x[c * self.x_plane + q as usize * self.b..],
+            if k < bias {
+                Column::Input {
+                    plane: k / self.taps * self.x_plane,
+                    tap: k % self.taps,
                 }
             } else if k == bias {
-                self.ones
+                Column::Ones
             } else {
-                self.zeros
+                Column::Zeros
+            }
+        }
+
+        /// The row (`b` floats) `column` multiplies at output pixel `p` (zeros in the padding).
+        #[inline(always)]
+        fn row(&self, column: Column, p: usize) -> &[f32] {
+            let row = match column {
+                Column::Input { plane, tap } => match self.sources[p * self.taps + tap] {
+                    NONE => self.zeros,
+                    q => &self.x[plane + q as usize * self.b..],
+                },
+                Column::Ones => self.ones,
+                Column::Zeros => self.zeros,
             };
             &row[..self.b]
         }
@@ -705,52 +723,105 @@ mod imp {
         out: &mut [f32],
     ) {
         let c_out = out.len() / job.columns;
+        let mut rows = [[job.zeros; KR]; WEIGHT_CHUNK];
+        let rows = &mut rows[..pixels.len()];
+        // One k-tile's accumulators, `(o, j)` → a vector of lane sums.
+        let mut tile_sums = vec![0.0f32; c_out * KR * V::W];
         for k0 in (0..job.columns).step_by(KR) {
+            // The tile's input rows, looked up once for all blocks of output channels.
+            for j in 0..KR {
+                let column = job.column(k0 + j);
+                for (row, p) in rows.iter_mut().zip(pixels.clone()) {
+                    row[j] = job.row(column, p);
+                }
+            }
             let mut o0 = 0;
             while o0 < c_out {
                 let mr = block_rows(c_out - o0, 4);
-                let tile = (o0, k0);
+                let (p0, sums) = (pixels.start, &mut tile_sums[..]);
                 match mr {
-                    4 => weight_tile::<V, 4, KR>(job, pixels.clone(), tile, out),
-                    2 => weight_tile::<V, 2, KR>(job, pixels.clone(), tile, out),
-                    _ => weight_tile::<V, 1, KR>(job, pixels.clone(), tile, out),
+                    4 => weight_tile::<V, 4, KR>(job, rows, p0, o0, sums),
+                    2 => weight_tile::<V, 2, KR>(job, rows, p0, o0, sums),
+                    _ => weight_tile::<V, 1, KR>(job, rows, p0, o0, sums),
                 }
                 o0 += mr;
+            }
+            // The lanes summed here, apart from the kernels: a reduction with the columns'
+            // bounds inside them kept LLVM from holding the accumulators in registers only.
+            for (o, out) in out.chunks_mut(job.columns).enumerate() {
+                for (j, out) in out[k0..].iter_mut().take(KR).enumerate() {
+                    *out = V::load(&tile_sums[(o * KR + j) * V::W..]).sum();
+                }
             }
         }
     }
 
-    /// `MR` output channels × `KR` weight columns from `(o0, k0)`, in registers (one vector of
-    /// lanes each) over the pixels and all lanes; the lanes are summed at the end.
+    /// `MR` output channels from `o0` × `KR` weight columns, in registers (one vector of lanes
+    /// each) over the pixels from `p0` and all lanes, into `sums[(o·KR + j)·W..][..W]`.
+    /// `rows[dp][j]` is the row column `j` of the tile multiplies at pixel `p0 + dp`.
     #[inline(always)]
-    #[allow(clippy::needless_range_loop)] // fixed-size register blocks read best as indices
     fn weight_tile<V: Vector, const MR: usize, const KR: usize>(
         job: &WeightGrad,
-        pixels: Range<usize>,
-        (o0, k0): (usize, usize),
-        out: &mut [f32],
+        rows: &[[&[f32]; KR]],
+        p0: usize,
+        o0: usize,
+        sums: &mut [f32],
+    ) {
+        let full = job.b - job.b % V::W;
+        weight_lanes::<V, MR, KR, false>(job, rows, p0, o0, 0..full, sums);
+        // A last partial vector of lanes, apart: on the portable path its loads are calls, and
+        // a call in the same loop as the main one made LLVM keep the accumulators in memory.
+        if full < job.b {
+            weight_lanes::<V, MR, KR, true>(job, rows, p0, o0, full..job.b, sums);
+        }
+    }
+
+    /// [`weight_tile`] over `lanes`: whole vectors (stored to `sums`), or one partial vector if
+    /// `PART` (added to `sums`).
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // fixed-size register blocks read best as indices
+    fn weight_lanes<V: Vector, const MR: usize, const KR: usize, const PART: bool>(
+        job: &WeightGrad,
+        rows: &[[&[f32]; KR]],
+        p0: usize,
+        o0: usize,
+        lanes: Range<usize>,
+        sums: &mut [f32],
     ) {
         let b = job.b;
+        assert!(lanes.end <= b && (PART || lanes.len().is_multiple_of(V::W)));
         let dy_row = |i: usize, p: usize| &job.dy[((o0 + i) * job.out_pixels + p) * b..][..b];
-        let full = b - b % V::W;
         let mut acc = [[V::splat(0.0); KR]; MR];
-        for p in pixels.clone() {
+        for (dp, x_rows) in rows.iter().enumerate() {
+            if PART {
+                let mut d = [V::splat(0.0); MR];
+                for i in 0..MR {
+                    d[i] = V::load_part(&dy_row(i, p0 + dp)[lanes.clone()]);
+                }
+                for j in 0..KR {
+                    let xv = V::load_part(&x_rows[j][lanes.clone()]);
+                    for i in 0..MR {
+                        acc[i][j] = d[i].mul_add(xv, acc[i][j]);
+                    }
+                }
+                continue;
+            }
             // Raw pointers: ten slices' lengths and bounds checks do not fit in the registers
             // beside 24 accumulators, and spilling them made this loop twice as slow.
             let mut dy = [std::ptr::null(); MR];
             for i in 0..MR {
-                dy[i] = dy_row(i, p).as_ptr();
+                dy[i] = dy_row(i, p0 + dp).as_ptr();
             }
             let mut xs = [std::ptr::null(); KR];
             for j in 0..KR {
-                xs[j] = job.row(k0 + j, p).as_ptr();
+                assert_eq!(x_rows[j].len(), b);
+                xs[j] = x_rows[j].as_ptr();
             }
-            let mut lane = 0;
-            while lane < full {
+            for lane in lanes.clone().step_by(V::W) {
                 let mut d = [V::splat(0.0); MR];
                 for i in 0..MR {
-                    // SAFETY: every row holds `b` floats (`dy_row`, `WeightGrad::row`) and
-                    // `lane + W <= full <= b`.
+                    // SAFETY: every row holds `b` floats (`dy_row`, the assert above), and
+                    // `lane + W <= lanes.end <= b` (whole vectors, asserted on entry).
                     d[i] = unsafe { V::load_ptr(dy[i].add(lane)) };
                 }
                 for j in 0..KR {
@@ -760,32 +831,17 @@ mod imp {
                         acc[i][j] = d[i].mul_add(xv, acc[i][j]);
                     }
                 }
-                lane += V::W;
             }
         }
-        // The last partial vector of lanes in a loop of its own: a call there (the portable
-        // partial load) inside the main loop made LLVM store every accumulator to the stack
-        // after each FMA.
-        if full < b {
-            for p in pixels {
-                let mut d = [V::splat(0.0); MR];
-                for i in 0..MR {
-                    d[i] = V::load_part(&dy_row(i, p)[full..]);
-                }
-                for j in 0..KR {
-                    let xv = V::load_part(&job.row(k0 + j, p)[full..]);
-                    for i in 0..MR {
-                        acc[i][j] = d[i].mul_add(xv, acc[i][j]);
-                    }
-                }
-            }
-        }
-        // Constant trip counts (no `KR.min(…)`), so that `acc` stays in registers.
         for i in 0..MR {
             for j in 0..KR {
-                if k0 + j < job.columns {
-                    out[(o0 + i) * job.columns + k0 + j] = acc[i][j].sum();
-                }
+                let sum = &mut sums[((o0 + i) * KR + j) * V::W..][..V::W];
+                let total = if PART {
+                    acc[i][j].mul_add(V::splat(1.0), V::load(sum))
+                } else {
+                    acc[i][j]
+                };
+                total.store(sum);
             }
         }
     }
