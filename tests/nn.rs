@@ -86,11 +86,69 @@ fn naive_conv(
     (y, dx, dw, db)
 }
 
+/// Runs `case` on a random batch of `b` and compares the output and all gradients with
+/// [`naive_conv`]. The input also feeds the loss directly (`+ Σ x·s`), so the conv's input
+/// gradient must add to a gradient that is already there. Output and input gradient are
+/// compared to `tol` absolutely; weight and bias gradients sum over every output pixel of the
+/// batch (thousands of f32 terms), so they are compared to `tol` relative to their scale.
+fn check_conv(case: &ConvCase, b: usize, tol: f64, rng: &mut ChaCha8Rng) {
+    let dev = device();
+    let k = case.kernel;
+    let x = random(rng, case.c_in * case.h * case.w * b);
+    let weight = random(rng, case.c_out * case.c_in * k * k);
+    let bias = random(rng, case.c_out);
+    let conv = Conv2d::new(
+        Param::new(&dev, "w", &[case.c_out, case.c_in, k, k], weight.clone()),
+        Param::new(&dev, "b", &[case.c_out], bias.clone()),
+        case.stride,
+        case.pad,
+    );
+    let (oh, ow) = conv.out_size(case.h, case.w);
+    let r = random(rng, case.c_out * oh * ow * b);
+    let s = random(rng, x.len());
+    let (y_ref, mut dx_ref, dw_ref, db_ref) = naive_conv(case, &x, &weight, &bias, &r, b);
+    for (d, s) in dx_ref.iter_mut().zip(&s) {
+        *d += *s as f64;
+    }
+
+    let rows = case.c_in * case.h * case.w;
+    let xt: T2 = dev.tensor_from_vec(x.clone(), (rows, b));
+    let rt: T2 = dev.tensor_from_vec(r, (case.c_out * oh * ow, b));
+    let st: T2 = dev.tensor_from_vec(s, (rows, b));
+    let traced = xt.leaky_trace();
+    let (y, yh, yw) = conv.forward(traced.with_empty_tape(), case.h, case.w);
+    assert_eq!((yh, yw), (oh, ow));
+    let y_values = y.retaped::<NoneTape>().as_vec();
+    let grads = ((y * rt).sum() + (traced * st).sum()).backward();
+    let label = format!(
+        "c{}->{} k{} s{} p{} {}x{} batch {b}",
+        case.c_in, case.c_out, k, case.stride, case.pad, case.h, case.w
+    );
+    let y_err = max_abs_diff(&y_values, &y_ref);
+    assert!(y_err < tol, "{label}: forward off by {y_err}");
+    let dx_err = max_abs_diff(&grads.get(&xt).as_vec(), &dx_ref);
+    assert!(dx_err < tol, "{label}: input gradient off by {dx_err}");
+    let scale = dw_ref.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    let dw_err = max_abs_diff(&grads.get(&conv.weight.value).as_vec(), &dw_ref);
+    assert!(
+        dw_err < tol * scale,
+        "{label}: weight gradient off by {dw_err} (scale {scale})"
+    );
+    let scale = db_ref.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    let db_err = max_abs_diff(&grads.get(&conv.bias.value).as_vec(), &db_ref);
+    assert!(
+        db_err < tol * scale,
+        "{label}: bias gradient off by {db_err} (scale {scale})"
+    );
+    assert_eq!(
+        conv.param_count(),
+        case.c_out * case.c_in * k * k + case.c_out
+    );
+}
+
 #[test]
 fn conv_forward_and_gradients_match_a_naive_reference() {
-    let dev = device();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let b = 3;
     let cases = [
         ConvCase {
             c_in: 3,
@@ -137,7 +195,7 @@ fn conv_forward_and_gradients_match_a_naive_reference() {
             h: 4,
             w: 4,
         },
-        // Wide enough (pixels × batch > nn::matmul::CHUNK) to be split into parallel chunks.
+        // Many pixels: many parallel tasks and weight-gradient chunks.
         ConvCase {
             c_in: 2,
             c_out: 3,
@@ -147,7 +205,7 @@ fn conv_forward_and_gradients_match_a_naive_reference() {
             h: 20,
             w: 40,
         },
-        // Fewer outputs than inputs: the matmul-then-gather-sum path.
+        // Fewer outputs than inputs (on CUDA: the matmul-then-gather-sum path).
         ConvCase {
             c_in: 6,
             c_out: 2,
@@ -168,53 +226,112 @@ fn conv_forward_and_gradients_match_a_naive_reference() {
         },
     ];
     for case in cases {
-        let k = case.kernel;
-        let x = random(&mut rng, case.c_in * case.h * case.w * b);
-        let weight = random(&mut rng, case.c_out * case.c_in * k * k);
-        let bias = random(&mut rng, case.c_out);
-        let conv = Conv2d::new(
-            Param::new(&dev, "w", &[case.c_out, case.c_in, k, k], weight.clone()),
-            Param::new(&dev, "b", &[case.c_out], bias.clone()),
-            case.stride,
-            case.pad,
-        );
-        let (oh, ow) = conv.out_size(case.h, case.w);
-        let r = random(&mut rng, case.c_out * oh * ow * b);
-        let (y_ref, dx_ref, dw_ref, db_ref) = naive_conv(&case, &x, &weight, &bias, &r, b);
+        check_conv(&case, 3, 1e-5, &mut rng);
+    }
+}
 
-        let xt: T2 = dev.tensor_from_vec(x.clone(), (case.c_in * case.h * case.w, b));
-        let rt: T2 = dev.tensor_from_vec(r.clone(), (case.c_out * oh * ow, b));
-        let (y, yh, yw) = conv.forward(xt.leaky_trace(), case.h, case.w);
-        assert_eq!((yh, yw), (oh, ow));
-        let y_values = y.retaped::<NoneTape>().as_vec();
-        let grads = (y * rt).sum().backward();
-        let tol = 1e-5;
-        let label = format!(
-            "c{}->{} k{} s{} p{}",
-            case.c_in, case.c_out, k, case.stride, case.pad
-        );
-        assert!(max_abs_diff(&y_values, &y_ref) < tol, "{label}: forward");
+/// Batches that are not a multiple of the vector width (16 lanes with AVX-512, 8 with AVX2:
+/// 85 = 64 + 16 + 5 takes every lane path), odd sizes, and channel counts that leave register
+/// blocks of 2 and 1 rows (5 = 4 + 1, 7 = 4 + 2 + 1).
+#[test]
+fn conv_matches_the_reference_for_any_batch_size_and_channel_count() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let cases = [
+        ConvCase {
+            c_in: 5,
+            c_out: 7,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            h: 9,
+            w: 7,
+        },
+        ConvCase {
+            c_in: 7,
+            c_out: 6,
+            kernel: 3,
+            stride: 2,
+            pad: 1,
+            h: 9,
+            w: 9,
+        },
+        ConvCase {
+            c_in: 1,
+            c_out: 5,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            h: 5,
+            w: 3,
+        },
+        ConvCase {
+            c_in: 6,
+            c_out: 1,
+            kernel: 3,
+            stride: 1,
+            pad: 0,
+            h: 5,
+            w: 6,
+        },
+        ConvCase {
+            c_in: 9,
+            c_out: 5,
+            kernel: 1,
+            stride: 1,
+            pad: 0,
+            h: 3,
+            w: 5,
+        },
+    ];
+    for b in [1, 3, 19, 85, 128] {
+        for case in &cases {
+            check_conv(case, b, 2e-5, &mut rng);
+        }
+    }
+}
+
+/// Entry point when re-run as a child process with `REPRO_CONV_ISA` set: the reference tests
+/// on the instruction set it names, printing which kernels ran.
+#[test]
+fn child_conv_reference() {
+    if std::env::var("NN_CONV_CHILD").is_err() {
+        return;
+    }
+    println!("KERNELS {}", repro::nn::conv::kernels());
+    conv_forward_and_gradients_match_a_naive_reference();
+    conv_matches_the_reference_for_any_batch_size_and_channel_count();
+}
+
+/// The AVX2 and portable kernels (this test's machine may well run AVX-512 by default) also
+/// match the reference.
+#[test]
+fn every_conv_kernel_matches_the_reference() {
+    for isa in ["avx2", "portable"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "child_conv_reference",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("NN_CONV_CHILD", "1")
+            .env("REPRO_CONV_ISA", isa)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            max_abs_diff(&grads.get(&xt).as_vec(), &dx_ref) < tol,
-            "{label}: input gradient"
+            out.status.success(),
+            "{isa}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        // Weight and bias gradients sum over every output pixel of the batch (thousands of
-        // f32 terms in the wide case): compare relative to their scale.
-        let scale = dw_ref.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        let dw_err = max_abs_diff(&grads.get(&conv.weight.value).as_vec(), &dw_ref);
+        let ran = stdout
+            .lines()
+            .find_map(|l| l.split_once("KERNELS ").map(|(_, name)| name.trim()))
+            .unwrap_or_else(|| panic!("{isa}: child printed no kernel name: {stdout}"));
+        // Without AVX2 on the machine, "avx2" falls back to the portable kernels.
         assert!(
-            dw_err < tol * scale,
-            "{label}: weight gradient off by {dw_err} (scale {scale})"
-        );
-        let scale = db_ref.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        let db_err = max_abs_diff(&grads.get(&conv.bias.value).as_vec(), &db_ref);
-        assert!(
-            db_err < tol * scale,
-            "{label}: bias gradient off by {db_err} (scale {scale})"
-        );
-        assert_eq!(
-            conv.param_count(),
-            case.c_out * case.c_in * k * k + case.c_out
+            ran == isa || (isa == "avx2" && ran == "portable"),
+            "asked for {isa}, ran {ran}"
         );
     }
 }

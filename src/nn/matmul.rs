@@ -1,17 +1,15 @@
-//! `W (M, K) × X (K, N)` for a small parameter-side matrix W and a wide activation X, where N
-//! is pixels × batch (tens of thousands): every conv and linear layer here.
+//! `W (M, K) × X (K, N)` for a small parameter-side matrix W and a wide activation X: the linear
+//! layers (N = batch), and on CUDA the convs (N = pixels × batch, tens of thousands).
 //!
 //! dfdx computes the weight gradient dW = dY·Xᵀ as one product with an output of only M×K
 //! entries and a reduction over all N, which runs on one core. This custom op (CPU) splits N
 //! into fixed chunks of [`CHUNK`] columns and runs them in parallel: forward and
 //! dX = Wᵀ·dY chunk by chunk, dW as per-chunk partial products summed in chunk order. The
-//! chunking does not depend on the thread count, so neither do the bytes. [`im2col_matmul`]
-//! fuses a conv's im2col gather into the product, so the 9×-inflated column matrix never
-//! becomes a dfdx tensor. On CUDA both fall back to dfdx's ops.
+//! chunking does not depend on the thread count, so neither do the bytes. On CUDA it falls back
+//! to dfdx's matmul. (Convs have their own kernel, [`super::conv`].)
 
 use dfdx::prelude::*;
 
-use super::gather::RowGather;
 use super::{Tp, T2};
 
 /// Columns per parallel chunk (fixed: the summation order of dW depends on it).
@@ -22,12 +20,6 @@ pub fn wide_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>) -> T2<W> {
     imp::wide_matmul(w, x)
 }
 
-/// `w × im2col(x)`, where im2col is `gather` viewed as a `(K, N)` matrix with
-/// K = w's columns. Returns `(M, N)`.
-pub fn im2col_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: &RowGather) -> T2<W> {
-    imp::im2col_matmul(w, x, gather)
-}
-
 #[cfg(feature = "cuda")]
 mod imp {
     use super::*;
@@ -35,19 +27,10 @@ mod imp {
     pub fn wide_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>) -> T2<W> {
         w.matmul(x)
     }
-
-    pub fn im2col_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: &RowGather) -> T2<W> {
-        let k = w.shape().1;
-        let cols = gather.apply(x);
-        let n = cols.shape().0 * cols.shape().1 / k;
-        w.matmul(cols.reshape_like(&(k, n)))
-    }
 }
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use std::sync::Arc;
-
     use rayon::prelude::*;
 
     use super::*;
@@ -158,44 +141,32 @@ mod imp {
         }
     }
 
-    /// The shared custom op: `y = w × cols`, where `cols` is `x` itself or its im2col.
-    fn matmul_op<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: Option<&RowGather>) -> T2<W> {
+    /// The custom op: `y = w × x`.
+    fn matmul_op<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>) -> T2<W> {
         let (m, k) = *w.shape();
+        let n = x.shape().1;
         let (w, w_tape) = w.split_tape();
         let (x, x_tape) = x.split_tape();
         let mut tape = w_tape.merge(x_tape);
-        let b = x.shape().1;
-        let cols: Arc<Vec<f32>> = Arc::new(match gather {
-            Some(g) => g.gather_rows(&x.as_vec(), b),
-            None => x.as_vec(),
-        });
-        assert_eq!(
-            cols.len() % k,
-            0,
-            "matmul: {} values do not form {k} rows",
-            cols.len()
-        );
-        let n = cols.len() / k;
+        let cols = x.as_vec();
         let weights = w.as_vec();
         let mut y = vec![0.0f32; m * n];
         product(m, k, n, &weights, false, &cols, &mut y);
         let out: T2 = x.device().tensor_from_vec(y, (m, n));
         if W::OWNS_TAPE {
             let (w_ghost, x_ghost, out_ghost) = (w.ghost(), x.ghost(), out.ghost());
-            let gather = gather.cloned();
             tape.add_backward_op(move |grads| {
                 let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
                 weight_gradient(m, k, n, &dy, &cols, grads.get_or_alloc_mut(&w_ghost)?);
-                let dx = grads.get_or_alloc_mut(&x_ghost)?;
-                match &gather {
-                    // Through the im2col: dcols = Wᵀ·dY, then scatter back to the input rows.
-                    Some(g) => {
-                        let mut dcols = vec![0.0f32; k * n];
-                        product(k, m, n, &weights, true, &dy, &mut dcols);
-                        g.scatter_add(&dcols, dx, b);
-                    }
-                    None => product(k, m, n, &weights, true, &dy, dx),
-                }
+                product(
+                    k,
+                    m,
+                    n,
+                    &weights,
+                    true,
+                    &dy,
+                    grads.get_or_alloc_mut(&x_ghost)?,
+                );
                 Ok(())
             });
         }
@@ -204,10 +175,6 @@ mod imp {
 
     pub fn wide_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>) -> T2<W> {
         assert_eq!(w.shape().1, x.shape().0, "matmul inner dimensions");
-        matmul_op(w, x, None)
-    }
-
-    pub fn im2col_matmul<T: Tp, W: Tp + Merge<T>>(w: T2<W>, x: T2<T>, gather: &RowGather) -> T2<W> {
-        matmul_op(w, x, Some(gather))
+        matmul_op(w, x)
     }
 }

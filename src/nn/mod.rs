@@ -3,7 +3,7 @@
 //!
 //! **Layout.** Every activation is a 2-D tensor `(C·H·W, B)`: features in rows (channel-major,
 //! then row, then column), the batch in columns. Every layer is then a map on rows: a conv is
-//! one `gather` of whole rows plus one matmul ([`ops::Conv2d`]), a squeeze or a channel
+//! a gathered multiply-add over whole rows ([`conv`]), a squeeze or a channel
 //! permutation is a row permutation, a channel split is a row slice, the logits are 10 rows.
 //!
 //! **Weights files** (safetensors, [`io`]) are self-describing: the model config is JSON in the
@@ -12,7 +12,7 @@
 //! `level0.step3.actnorm.bias` / `.logs` `(C,)`, `level0.split.prior.weight`. A reader in
 //! another framework can rebuild the model from the file alone.
 //!
-//! Module map: [`ops`] (conv, linear, permutations, losses), [`flow`] (ActNorm, couplings,
+//! Module map: [`ops`] (conv layer, linear, permutations, losses), [`flow`] (ActNorm, couplings,
 //! squeeze, split prior, fi-RevNet), [`cnn`] (the small ResNet-style classifier), [`optim`]
 //! (Adam, Adamax), [`io`] (safetensors).
 //!
@@ -21,6 +21,7 @@
 
 pub mod channel;
 pub mod cnn;
+pub mod conv;
 pub mod flow;
 pub mod gather;
 pub mod ice;

@@ -1,21 +1,19 @@
 //! Layers built from dfdx's public ops in the `(C·H·W, B)` row layout.
 //!
-//! A 2-D convolution is a row gather ([`super::gather`]) of whole input rows into an im2col
-//! matrix followed by one matmul, with the zero padding and the bias folded in: padding taps
-//! read a constant zero row, and a block of constant ones rows is a last "channel" whose
-//! weight column is the bias. When the conv has fewer output than input channels (e.g. 64 → 2 in a
-//! coupling's last layer), it is cheaper to matmul first and then gather-sum the k·k taps on
-//! the output side. Index tensors are computed once per input geometry and cached.
+//! A 2-D convolution is [`conv2d`] (a direct kernel on CPU, see [`super::conv`]) over a plan of
+//! which input pixel each tap reads, computed once per input geometry and cached by the layer.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use dfdx::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
 use super::channel::affine_per_channel;
-use super::gather::{RowGather, ONE_ROW, ZERO_ROW};
-use super::matmul::{im2col_matmul, wide_matmul};
+use super::conv::{conv2d, Geometry, Plan};
+use super::gather::RowGather;
+use super::matmul::wide_matmul;
 use super::{Dev, HasParams, Param, Tp, T1, T2};
 
 /// A parameter entering a taped computation. dfdx records an op only on the tape of its left
@@ -89,13 +87,6 @@ impl RowMap {
     }
 }
 
-/// Precomputed gather for one input geometry.
-struct ConvPlan {
-    gather: RowGather,
-    out_h: usize,
-    out_w: usize,
-}
-
 /// 2-D convolution `(C_in·H·W, B) → (C_out·H_o·W_o, B)`, weights in PyTorch's `(O, C, k, k)`.
 pub struct Conv2d {
     pub weight: Param,
@@ -105,7 +96,7 @@ pub struct Conv2d {
     pub kernel: usize,
     pub stride: usize,
     pub pad: usize,
-    plans: RefCell<HashMap<(usize, usize), ConvPlan>>,
+    plans: RefCell<HashMap<(usize, usize), Rc<Plan>>>,
 }
 
 impl Conv2d {
@@ -174,123 +165,32 @@ impl Conv2d {
         )
     }
 
-    /// Whether to matmul first and sum taps on the output side (cheaper when O < C).
-    fn output_side(&self) -> bool {
-        self.kernel > 1 && self.c_out < self.c_in
-    }
-
-    /// For each output tap, the input row it reads (or `zero_row` when it falls in padding).
-    fn taps(
-        &self,
-        h: usize,
-        w: usize,
-        zero_row: usize,
-    ) -> impl Fn(usize, usize, usize, usize) -> usize + '_ {
-        move |channel_base: usize, tap: usize, oy: usize, ox: usize| {
-            let (ky, kx) = (tap / self.kernel, tap % self.kernel);
-            let iy = (oy * self.stride + ky) as isize - self.pad as isize;
-            let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                zero_row
-            } else {
-                channel_base + iy as usize * w + ix as usize
-            }
-        }
-    }
-
-    fn plan(&self, dev: &Dev, h: usize, w: usize) -> (RowGather, usize, usize) {
+    fn plan(&self, dev: &Dev, h: usize, w: usize) -> Rc<Plan> {
         let mut plans = self.plans.borrow_mut();
         let plan = plans.entry((h, w)).or_insert_with(|| {
-            let (oh, ow) = self.out_size(h, w);
-            let kk = self.kernel * self.kernel;
-            let mut source = Vec::new();
-            if self.output_side() {
-                // Rows of the matmul result are (o, tap, iy, ix); the sum runs over taps.
-                let tap_row = self.taps(h, w, ZERO_ROW);
-                for o in 0..self.c_out {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            for tap in 0..kk {
-                                let src = tap_row(0, tap, oy, ox);
-                                source.push(if src == ZERO_ROW {
-                                    ZERO_ROW
-                                } else {
-                                    (o * kk + tap) * h * w + src
-                                });
-                            }
-                        }
-                    }
-                }
-            } else {
-                // Rows of the im2col matrix are (c, tap, oy, ox), then a block of bias rows.
-                let tap_row = self.taps(h, w, ZERO_ROW);
-                for c in 0..self.c_in {
-                    for tap in 0..kk {
-                        for oy in 0..oh {
-                            for ox in 0..ow {
-                                source.push(tap_row(c * h * w, tap, oy, ox));
-                            }
-                        }
-                    }
-                }
-                source.extend(std::iter::repeat_n(ONE_ROW, oh * ow));
-            }
-            let rows = if self.output_side() {
-                self.c_out * kk * h * w
-            } else {
-                self.c_in * h * w
+            let (out_h, out_w) = self.out_size(h, w);
+            let geometry = Geometry {
+                c_in: self.c_in,
+                c_out: self.c_out,
+                kernel: self.kernel,
+                stride: self.stride,
+                pad: self.pad,
+                h,
+                w,
+                out_h,
+                out_w,
             };
-            ConvPlan {
-                gather: RowGather::new(dev, source, rows),
-                out_h: oh,
-                out_w: ow,
-            }
+            Rc::new(Plan::new(dev, geometry))
         });
-        (plan.gather.clone(), plan.out_h, plan.out_w)
+        Rc::clone(plan)
     }
 
     /// Convolves `x (C_in·h·w, B)`; returns the output and its spatial size.
     pub fn forward<T: Tp>(&self, x: T2<T>, h: usize, w: usize) -> (T2<T>, usize, usize) {
-        let dev = x.device().clone();
-        let b = x.shape().1;
         assert_eq!(x.shape().0, self.c_in * h * w, "conv input rows");
-        let kk = self.kernel * self.kernel;
-        if self.kernel == 1 && self.stride == 1 && self.pad == 0 {
-            // A 1×1 conv is a plain matmul on the (C, h·w·B) view.
-            let y = matmul_left(&self.weight.value, x.reshape_like(&(self.c_in, h * w * b)));
-            let y = affine_per_channel(
-                y.reshape_like(&(self.c_out * h * w, b)),
-                Some(&self.bias),
-                None,
-                self.c_out,
-            );
-            return (y, h, w);
-        }
-        let (gather, oh, ow) = self.plan(&dev, h, w);
-        if self.output_side() {
-            // (O·kk, C) weight view: reorder columns (c, tap) to rows (o, tap).
-            let x = x.reshape_like(&(self.c_in, h * w * b));
-            let wt = taped::<_, T>(&self.weight.value)
-                .reshape_like(&(self.c_out, self.c_in, kk))
-                .permute::<_, Axes3<0, 2, 1>>()
-                .contiguous()
-                .reshape_like(&(self.c_out * kk, self.c_in));
-            let y = wide_matmul(wt, x);
-            let taps = gather.apply(y.reshape_like(&(self.c_out * kk * h * w, b)));
-            let summed = taps
-                .reshape_like(&(self.c_out * oh * ow, kk, b))
-                .sum::<(usize, usize), Axis<1>>();
-            let y = affine_per_channel(summed, Some(&self.bias), None, self.c_out);
-            (y, oh, ow)
-        } else {
-            let full = (
-                taped::<_, T>(&self.weight.value),
-                taped::<_, T>(&self.bias.value),
-            )
-                .concat_along(Axis::<1>);
-            let y = im2col_matmul(full, x, &gather);
-            (y.reshape_like(&(self.c_out * oh * ow, b)), oh, ow)
-        }
+        let plan = self.plan(x.device(), h, w);
+        let y = conv2d(&self.weight, &self.bias, x, &plan);
+        (y, plan.geometry.out_h, plan.geometry.out_w)
     }
 }
 
