@@ -5,7 +5,9 @@
 //! entries and a reduction over all N, which runs on one core. This custom op (CPU) splits N
 //! into fixed chunks of [`CHUNK`] columns and runs them in parallel: forward and
 //! dX = Wᵀ·dY chunk by chunk, dW as per-chunk partial products summed in chunk order. The
-//! chunking does not depend on the thread count, so neither do the bytes. On CUDA it falls back
+//! chunking does not depend on the thread count, so neither do the bytes. A narrow product (N
+//! within one chunk: an MLP layer on one batch) is split into fixed blocks of rows instead, so
+//! it does not run on one core either. On CUDA it falls back
 //! to dfdx's matmul. (Convs have their own kernel, [`super::conv`].)
 
 use dfdx::prelude::*;
@@ -49,6 +51,19 @@ mod imp {
         }
     }
 
+    /// Rows per block when the product is narrow (one column chunk); fixed like [`CHUNK`].
+    const ROW_BLOCK: usize = 64;
+
+    fn row_blocks(m: usize, n: usize) -> Vec<(usize, usize)> {
+        if n > CHUNK {
+            return vec![(0, m)];
+        }
+        (0..m)
+            .step_by(ROW_BLOCK)
+            .map(|start| (start, (start + ROW_BLOCK).min(m)))
+            .collect()
+    }
+
     fn chunks(n: usize) -> Vec<(usize, usize)> {
         (0..n)
             .step_by(CHUNK)
@@ -77,36 +92,76 @@ mod imp {
         } else {
             (k as isize, 1)
         };
-        chunks(n).into_par_iter().for_each(|(start, end)| {
-            // SAFETY: sizes checked above; each chunk reads and writes only columns
-            // start..end of c, a and b are only read.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    end - start,
-                    1.0,
-                    a.as_ptr(),
-                    rsa,
-                    csa,
-                    b.as_ptr().add(start),
-                    n as isize,
-                    1,
-                    1.0,
-                    out.at(start),
-                    n as isize,
-                    1,
-                );
-            }
-        });
+        // Tiles of (rows, columns): column chunks, and for a narrow product (an MLP layer on
+        // one batch: N fits one chunk) also fixed blocks of rows, so it is not left on one
+        // core. The tiling depends on the shapes only, never on the thread count.
+        let rows = row_blocks(m, n);
+        let tiles: Vec<((usize, usize), (usize, usize))> = chunks(n)
+            .into_iter()
+            .flat_map(|c| rows.iter().map(move |&r| (r, c)))
+            .collect();
+        tiles
+            .into_par_iter()
+            .for_each(|((row_start, row_end), (start, end))| {
+                // SAFETY: sizes checked above; each tile reads and writes only rows
+                // row_start..row_end and columns start..end of c; a and b are only read.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        row_end - row_start,
+                        k,
+                        end - start,
+                        1.0,
+                        a.as_ptr().offset(row_start as isize * rsa),
+                        rsa,
+                        csa,
+                        b.as_ptr().add(start),
+                        n as isize,
+                        1,
+                        1.0,
+                        out.at(row_start * n + start),
+                        n as isize,
+                        1,
+                    );
+                }
+            });
     }
 
-    /// dW (m×k) += dY (m×n) · Xᵀ, X (k×n): per-chunk partials summed in chunk order.
+    /// dW (m×k) += dY (m×n) · Xᵀ, X (k×n): per-chunk partials summed in chunk order (or, for a
+    /// narrow product, row blocks in parallel).
     fn weight_gradient(m: usize, k: usize, n: usize, dy: &[f32], x: &[f32], dw: &mut [f32]) {
         assert!(
             dy.len() >= m * n && x.len() >= k * n && dw.len() >= m * k,
             "matmul buffer sizes"
         );
+        if n <= CHUNK {
+            // Narrow (one chunk): blocks of rows of dW in parallel, each summed in one go.
+            let out = Shared(dw.as_mut_ptr());
+            row_blocks(m, n)
+                .into_par_iter()
+                .for_each(|(row_start, row_end)| {
+                    // SAFETY: sizes checked above; each block reads rows row_start..row_end
+                    // of dy and all of x (as its transpose), and writes only those rows of dw.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            row_end - row_start,
+                            n,
+                            k,
+                            1.0,
+                            dy.as_ptr().add(row_start * n),
+                            n as isize,
+                            1,
+                            x.as_ptr(),
+                            1,
+                            n as isize,
+                            1.0,
+                            out.at(row_start * k),
+                            k as isize,
+                            1,
+                        );
+                    }
+                });
+            return;
+        }
         let partials: Vec<Vec<f32>> = chunks(n)
             .into_par_iter()
             .map(|(start, end)| {
