@@ -113,11 +113,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn device() -> &'static str {
+/// The device as it goes into every stage key. On CPU it names the conv kernels' instruction
+/// set: AVX-512, AVX2 and portable kernels agree only to the last bits (FMA, lane blocking),
+/// and one key must always mean the same bytes.
+fn device() -> String {
     if cfg!(feature = "cuda") {
-        "cuda"
+        "cuda".to_string()
     } else {
-        "cpu"
+        format!("cpu-{}", repro::nn::conv::kernels())
     }
 }
 
@@ -131,7 +134,7 @@ fn engine<'a>(
         registry,
         store: Store::open(&cli.store)?,
         pipeline,
-        device: device().to_string(),
+        device: device(),
         dtype: "f32".to_string(),
         options: RunOptions {
             repair,
