@@ -241,7 +241,8 @@ impl StageKind for Report {
                     .map(|r| {
                         json!({
                             "objective": r["objective"], "adversary": r["adversary"].as_str().unwrap_or("—"),
-                            "w_adv": r["w_adv"].as_f64().map_or("—".to_string(), |v| format!("{v}")),
+                            // Stored as f32: print the f32 (0.1, not 0.10000000149011612).
+                            "w_adv": r["w_adv"].as_f64().map_or("—".to_string(), |v| format!("{}", v as f32)),
                             "inner_steps": r["inner_steps"].as_u64().map_or("—".to_string(), |v| v.to_string()),
                             "epoch": r["epoch"], "logit_test_error": fmt(&r["logit_test_error"]),
                             "adversary_test_error": fmt(&r["adversary_test_error"]),
