@@ -298,3 +298,31 @@ fn the_probe_reads_a_label_that_leaks_into_the_latent() {
     );
     assert!(probe.best_epoch >= 1 && probe.best_epoch <= probe_settings().epochs);
 }
+
+#[test]
+fn metamers_of_trained_ce_and_ice_models_carry_the_logit_sources_logits() {
+    let dev = device();
+    let data = synthetic_arrays(48);
+    for settings in [
+        None,
+        Some(ice(AdversaryVariant::Paper, 1.0, MleVariant::Paper, 1.0)),
+    ] {
+        let mut t = trainer(&dev, &data, settings.clone());
+        t.run_epoch(&dev, &data, &|_| {});
+        t.run_epoch(&dev, &data, &|_| {});
+        let Model::RevNet(model) = &t.model else {
+            unreachable!()
+        };
+        let input = |rows: std::ops::Range<usize>| {
+            let rows: Vec<usize> = rows.collect();
+            repro::nn::input::revnet_input(&dev, &data.test_images, &rows, 1, None)
+        };
+        let m = repro::nn::metamer::metameric_sample(model, &input(0..16), &input(16..32));
+        assert!(
+            m.max_logit_diff <= 1e-4,
+            "{}: metamer logits differ from A's by {}",
+            if settings.is_some() { "iCE" } else { "CE" },
+            m.max_logit_diff
+        );
+    }
+}
