@@ -13,6 +13,7 @@
 pub mod data;
 pub mod engine;
 pub mod nn;
+pub mod oracle;
 pub mod report;
 pub mod stages;
 pub mod training;

@@ -12,46 +12,21 @@
 //! first `grid_paths` paths: the `steps` decoded images, A's end on the left).
 //! Expected: CE paths change label often (the paper's Fig. 6), iCE paths rarely (Fig. 7).
 //!
-//! Modules: data, nn, report/figures
+//! Modules: data, nn, oracle, report/figures
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Result};
 use dfdx::prelude::*;
-use rand::Rng;
 use serde_json::json;
 
 use crate::data::split_from_npy;
 use crate::engine::{Finished, StageContext, StageKind};
 use crate::nn::input::{column_image, revnet_input, revnet_to_cnn};
 use crate::nn::model::{ensemble_predict, Model};
-use crate::nn::{device, rng_for, T2};
+use crate::nn::{device, T2};
+use crate::oracle::{oracle_members, pairs_with_different_labels};
 use crate::report::figures::image_grid_png;
 
 pub struct Interpolate;
-
-/// The oracle members among the inputs (`member*.safetensors`, in name order).
-fn oracle_members(ctx: &StageContext, dev: &crate::nn::Dev) -> Result<Vec<Model>> {
-    let mut members = Vec::new();
-    for stage in ctx.input_stages() {
-        let mut names: Vec<&str> = ctx
-            .input_names(stage)
-            .into_iter()
-            .filter(|n| n.starts_with("member"))
-            .collect();
-        names.sort();
-        for name in names {
-            members.push(
-                Model::from_safetensors(dev, &ctx.input(stage, name)?)
-                    .with_context(|| format!("oracle member {stage}/{name}"))?,
-            );
-        }
-    }
-    ensure!(
-        !members.is_empty(),
-        "stage {} has no oracle members (member*.safetensors) among its inputs",
-        ctx.name()
-    );
-    Ok(members)
-}
 
 impl StageKind for Interpolate {
     fn kind(&self) -> &str {
@@ -83,18 +58,8 @@ impl StageKind for Interpolate {
         let steps = ctx.param_int("steps")?.max(2) as usize;
         let grid_paths = (ctx.param_int("grid_paths")?.max(0) as usize).min(paths);
 
-        let mut rng = rng_for(ctx.seed(), "interpolation-pairs");
-        let (mut sources, mut nuisances) = (Vec::new(), Vec::new());
-        while sources.len() < paths {
-            let (a, b) = (
-                rng.gen_range(0..labels.len()),
-                rng.gen_range(0..labels.len()),
-            );
-            if labels[a] != labels[b] {
-                sources.push(a);
-                nuisances.push(b);
-            }
-        }
+        let (sources, nuisances) =
+            pairs_with_different_labels(&labels, paths, ctx.seed(), "interpolation-pairs");
 
         let channels = model.config.in_channels;
         let logit_rows = model.logit_indices().to_vec();

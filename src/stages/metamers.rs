@@ -13,19 +13,19 @@
 //! Expected: max logit difference ≤ 1e-4 in f32 (C5); on `cpu`, CE metamers judged as B more
 //! often than as A (an independent PyTorch run measured 55 % vs 26 %).
 //!
-//! Modules: data, nn, report/figures
+//! Modules: data, nn, oracle, report/figures
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 use dfdx::prelude::*;
-use rand::Rng;
 use serde_json::json;
 
 use crate::data::{npy_bytes, split_from_npy};
 use crate::engine::{Finished, StageContext, StageKind};
+use crate::nn::device;
 use crate::nn::input::{column_image, revnet_input, revnet_to_cnn};
 use crate::nn::metamer::metameric_sample;
 use crate::nn::model::{ensemble_predict, Model};
-use crate::nn::{device, rng_for};
+use crate::oracle::{oracle_members, pairs_with_different_labels};
 use crate::report::figures::image_grid_png;
 
 pub struct Metamers;
@@ -49,32 +49,7 @@ impl StageKind for Metamers {
                 ctx.name()
             );
         };
-        let mut members = Vec::new();
-        for stage in ctx
-            .input_stages()
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>()
-        {
-            let mut names: Vec<String> = ctx
-                .input_names(&stage)
-                .into_iter()
-                .filter(|n| n.starts_with("member"))
-                .map(String::from)
-                .collect();
-            names.sort();
-            for name in names {
-                members.push(
-                    Model::from_safetensors(&dev, &ctx.input(&stage, &name)?)
-                        .with_context(|| format!("oracle member {stage}/{name}"))?,
-                );
-            }
-        }
-        ensure!(
-            !members.is_empty(),
-            "stage {} has no oracle members (member*.safetensors) among its inputs",
-            ctx.name()
-        );
+        let members = oracle_members(ctx, &dev)?;
         let test = split_from_npy(
             &ctx.input_named("test_images.npy")?,
             &ctx.input_named("test_labels.npy")?,
@@ -84,18 +59,8 @@ impl StageKind for Metamers {
 
         let pairs = ctx.param_int("pairs")?.max(1) as usize;
         let grid_pairs = (ctx.param_int("grid_pairs")?.max(0) as usize).min(pairs);
-        let mut rng = rng_for(ctx.seed(), "metamer-pairs");
-        let (mut sources, mut nuisances) = (Vec::new(), Vec::new());
-        while sources.len() < pairs {
-            let (a, b) = (
-                rng.gen_range(0..labels.len()),
-                rng.gen_range(0..labels.len()),
-            );
-            if labels[a] != labels[b] {
-                sources.push(a);
-                nuisances.push(b);
-            }
-        }
+        let (sources, nuisances) =
+            pairs_with_different_labels(&labels, pairs, ctx.seed(), "metamer-pairs");
 
         let channels = model.config.in_channels;
         let (mut max_logit_diff, mut recon_data, mut recon_metamer) = (0.0f32, 0.0f32, 0.0f32);
