@@ -248,6 +248,16 @@ impl StageContext<'_> {
         }
     }
 
+    /// [`StageContext::input_named`] for an output the stage can do without: `None` when no
+    /// input of this run is called `output`.
+    pub fn optional_input_named(&self, output: &str) -> Result<Option<Vec<u8>>> {
+        if self.inputs.iter().any(|i| i.output == output) {
+            self.input_named(output).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The manifest of an upstream stage (provenance: key, params, timings, log object).
     pub fn upstream_manifest(&self, stage: &str) -> Option<&Manifest> {
         self.upstream.get(stage)

@@ -24,19 +24,6 @@ use crate::nn::{device, HasParams};
 
 pub struct Evaluate;
 
-/// The iCE adversary's weights, when one of the inputs provides them.
-fn adversary_input(ctx: &StageContext) -> Result<Option<Vec<u8>>> {
-    let has = ctx
-        .input_stages()
-        .iter()
-        .any(|stage| ctx.input_names(stage).contains(&"adversary.safetensors"));
-    if has {
-        Ok(Some(ctx.input_named("adversary.safetensors")?))
-    } else {
-        Ok(None)
-    }
-}
-
 impl StageKind for Evaluate {
     fn kind(&self) -> &str {
         "evaluate"
@@ -72,7 +59,7 @@ impl StageKind for Evaluate {
         ctx.log(format!(
             "test error {test_error:.2} % on {n_test}, train error {train_error:.2} % on {n_train}"
         ));
-        let adversary = match (adversary_input(ctx)?, &model) {
+        let adversary = match (ctx.optional_input_named("adversary.safetensors")?, &model) {
             (Some(bytes), Model::RevNet(flow)) => {
                 let mlp = Mlp::from_safetensors(&dev, "adversary", &bytes)?;
                 let readout = |images: &[u8], labels: &[u8], n: usize| {

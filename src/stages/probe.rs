@@ -193,16 +193,12 @@ impl StageKind for ProbeStage {
             &data.test_labels,
             &test_indices,
         );
-        let metamers = match ctx
-            .input_stages()
-            .iter()
-            .any(|s| ctx.input_names(s).contains(&"metamers.json"))
-        {
-            true => {
-                let json: Value = serde_json::from_slice(&ctx.input_named("metamers.json")?)?;
+        let metamers = match ctx.optional_input_named("metamers.json")? {
+            Some(bytes) => {
+                let json: Value = serde_json::from_slice(&bytes)?;
                 Some(metamer_views(&dev, &model, &data, &json)?)
             }
-            false => None,
+            None => None,
         };
         ctx.log(format!(
             "latents of {n_train} training and {n_test} test images in {:.0} s",
