@@ -6,7 +6,8 @@
 //!   atomic publishing, explain, verify, gc). Knows nothing about tensors or the paper.
 //! - the paper: [`stages`] (one file per stage kind, each naming the paper section it covers),
 //!   built on [`data`] (dataset readers), [`nn`] (models on dfdx), [`training`] (stage params
-//!   → training settings, the checkpointed loop) and [`report`] (figures, HTML rendering).
+//!   → training settings, the checkpointed loop), [`outputs`] (the JSON contracts between
+//!   stages) and [`report`] (figures, HTML rendering).
 //!
 //! The binary `repro` (src/main.rs) is the command line over both.
 
@@ -14,6 +15,7 @@ pub mod data;
 pub mod engine;
 pub mod nn;
 pub mod oracle;
+pub mod outputs;
 pub mod report;
 pub mod stages;
 pub mod training;

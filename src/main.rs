@@ -1,7 +1,8 @@
 //! `repro`: the command line over the pipeline engine and the paper's stages.
 //!
 //! Exit status: 0 success, 1 a stage failed or the store is damaged, 2 a mistake in the
-//! pipeline description, profile or `--set` (nothing was touched).
+//! pipeline description, profile or `--set` (nothing was touched), 130 stopped by Ctrl-C or
+//! SIGTERM (the run record names the stage that was building as `interrupted`).
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
@@ -90,6 +91,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C / SIGTERM: record what was building as `interrupted`, then stop. What it left in
+    // the store's tmp/ is never a result (and `gc` removes it); its checkpoints let the next
+    // run resume.
+    let _ = ctrlc::set_handler(|| {
+        for path in repro::engine::record_interrupted_runs() {
+            eprintln!("interrupted; run record: {}", path.display());
+        }
+        std::process::exit(130);
+    });
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -146,7 +156,7 @@ fn engine<'a>(
 fn run(cli: Cli) -> Result<ExitCode> {
     let registry = repro::stages::registry();
     // Everything is validated before the store is opened: a bad pipeline touches nothing.
-    let pipeline = Pipeline::load(&cli.pipeline, &cli.profile, &cli.sets, &registry.names())?;
+    let pipeline = Pipeline::load(&cli.pipeline, &cli.profile, &cli.sets, &registry)?;
     match &cli.command {
         Command::Reproduce { repair } => {
             let engine = engine(&cli, &registry, &pipeline, *repair)?;
@@ -186,7 +196,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Why { stage } => {
-            pipeline.with_ancestors(stage)?;
             let engine = engine(&cli, &registry, &pipeline, false)?;
             engine.why(stage)?.iter().for_each(|l| println!("{l}"));
             Ok(ExitCode::SUCCESS)
@@ -244,9 +253,11 @@ fn finish(engine: &Engine, record: RunRecord) -> Result<ExitCode> {
 
 fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result<ExitCode> {
     let store = Store::open(&cli.store)?;
+    // Alone with the store: no build is between publishing an object and its manifest.
+    let _alone = store.lock_exclusive()?;
     let mut keep = BTreeSet::new();
     for profile in pipeline::available_profiles(&cli.pipeline) {
-        let pipeline = Pipeline::load(&cli.pipeline, &profile, &cli.sets, &registry.names())?;
+        let pipeline = Pipeline::load(&cli.pipeline, &profile, &cli.sets, registry)?;
         let engine = engine(cli, registry, &pipeline, false)?;
         keep.extend(engine.current_keys()?);
     }
@@ -260,7 +271,7 @@ fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result
         .collect();
     runs.sort();
     for path in runs.iter().rev().take(keep_runs) {
-        let bytes = std::fs::read(path)?;
+        let bytes = fs_err::read(path)?;
         let record: RunRecord = serde_json::from_slice(&bytes)
             .with_context(|| format!("run record {} is malformed", path.display()))?;
         keep.extend(record.stages.into_iter().filter_map(|s| s.key));

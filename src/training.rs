@@ -1,152 +1,315 @@
-//! Shared by the stages that train models (`train`, `ablation`): stage params → model
-//! configuration and training settings (every param is validated with a message naming the
-//! stage), and the training loop with a checkpoint after every epoch, so a killed run resumes
-//! where it stopped and gives the same bytes.
+//! Shared by the stages that train models (`train`, `ablation`): their typed parameters
+//! ([`TrainParams`], checked when the pipeline loads), the model configuration and training
+//! settings made from them, and the training loop with a checkpoint after every epoch, so a
+//! killed run resumes where it stopped and gives the same bytes.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Arrays;
-use crate::engine::{Param, StageContext};
+use crate::engine::{
+    at_least, non_negative, positive, probability, Limit, ParamError, StageContext, TypedParams,
+};
 use crate::nn::cnn::CnnConfig;
 use crate::nn::flow::{CouplingKind, Permutation, RevNetConfig};
 use crate::nn::ice::{AdversaryVariant, IceSettings, MleVariant};
 use crate::nn::model::{Model, ModelConfig};
+use crate::nn::nuisance::ProbeSettings;
 use crate::nn::optim::OptimizerKind;
 use crate::nn::train::{TrainSettings, Trainer};
 use crate::nn::{device, rng_for};
 
-pub fn usize_param(ctx: &StageContext, name: &str) -> Result<usize> {
-    let v = ctx.param_int(name)?;
-    if v < 0 {
-        bail!("param {}.{name} must not be negative", ctx.name());
+/// Which model a training stage trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Firevnet,
+    Cnn,
+}
+
+/// What it is trained for: cross-entropy, or the independence cross-entropy (fi-RevNet only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    Ce,
+    Ice,
+}
+
+/// The parameters of a training stage. The fi-RevNet's architecture params are needed only
+/// with `model = "firevnet"`, `width` only with `model = "cnn"`, the iCE params only with
+/// `objective = "ice"`; a stage may declare ones its model does not read (they stay in its
+/// key), but never an unknown one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainParams {
+    pub model: ModelKind,
+    pub objective: Objective,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    /// Epochs after which the learning rate is multiplied by `lr_gamma`.
+    pub lr_milestones: Vec<usize>,
+    pub lr_gamma: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub train_limit: Limit,
+    pub test_limit: Limit,
+    // The fi-RevNet.
+    pub in_channels: Option<usize>,
+    pub levels: Option<usize>,
+    pub steps: Option<usize>,
+    pub hidden: Option<usize>,
+    pub coupling: Option<CouplingKind>,
+    pub permutation: Option<Permutation>,
+    pub logit_batchnorm: Option<bool>,
+    pub dropout: Option<f64>,
+    /// The CE objective's weight on the flow's NLL (bits/dim).
+    pub nll_weight: Option<f64>,
+    pub dequantize: Option<bool>,
+    // The CNN.
+    pub width: Option<usize>,
+    // The iCE objective (`nn::ice`).
+    pub adversary: Option<AdversaryVariant>,
+    pub w_adv: Option<f64>,
+    pub inner_steps: Option<usize>,
+    pub mle: Option<MleVariant>,
+    pub w_mle: Option<f64>,
+    pub adversary_width: Option<usize>,
+    pub adversary_layers: Option<usize>,
+    pub adversary_dropout: Option<f64>,
+    pub adversary_lr: Option<f64>,
+}
+
+/// The value of an optional param that the chosen model or objective needs.
+fn needed<T: Copy>(value: Option<T>, param: &str, because: &str) -> Result<T, ParamError> {
+    value.ok_or_else(|| ParamError::new(param, format!("missing: {because} needs it")))
+}
+
+/// The input side of the fi-RevNet (MNIST 28 padded by 2 on each side).
+const REVNET_SIZE: usize = 32;
+
+impl TypedParams for TrainParams {
+    fn check(&self) -> Result<(), ParamError> {
+        at_least("epochs", self.epochs, 1)?;
+        at_least("batch_size", self.batch_size, 1)?;
+        positive("lr", self.lr)?;
+        positive("lr_gamma", self.lr_gamma)?;
+        match self.model {
+            ModelKind::Firevnet => {
+                let why = "model = \"firevnet\"";
+                let channels = needed(self.in_channels, "in_channels", why)?;
+                if channels != 1 && channels != 3 {
+                    return Err(ParamError::new(
+                        "in_channels",
+                        format!("{channels} is not allowed: 1 (the digit alone) or 3 (the digit in the last of three channels, the authors' layout)"),
+                    ));
+                }
+                let levels = needed(self.levels, "levels", why)?;
+                at_least("levels", levels, 1)?;
+                // Each level squeezes 2×2 (channels ×4, side ÷2) and all but the last split
+                // off half the channels: the last map has in_channels·2^(levels+1) channels of
+                // side 32 / 2^levels, and the 10 logits are read from its centre pixel.
+                let last_channels = channels << (levels + 1).min(16);
+                if levels > 5 || last_channels < 10 {
+                    return Err(ParamError::new(
+                        "levels",
+                        format!(
+                            "{levels} is out of range with in_channels = {channels}: the last map has {channels}·2^(levels+1) channels, which must hold the 10 logits, and side 32/2^levels ≥ 1 (allowed: {})",
+                            if channels == 1 { "3 to 5" } else { "1 to 5" }
+                        ),
+                    ));
+                }
+                at_least("steps", needed(self.steps, "steps", why)?, 1)?;
+                at_least("hidden", needed(self.hidden, "hidden", why)?, 1)?;
+                needed(self.coupling, "coupling", why)?;
+                needed(self.permutation, "permutation", why)?;
+                needed(self.logit_batchnorm, "logit_batchnorm", why)?;
+                probability("dropout", needed(self.dropout, "dropout", why)?)?;
+                needed(self.dequantize, "dequantize", why)?;
+                if self.objective == Objective::Ce {
+                    non_negative(
+                        "nll_weight",
+                        needed(
+                            self.nll_weight,
+                            "nll_weight",
+                            "the CE objective on a fi-RevNet",
+                        )?,
+                    )?;
+                }
+            }
+            ModelKind::Cnn => {
+                at_least("width", needed(self.width, "width", "model = \"cnn\"")?, 1)?;
+                if self.objective == Objective::Ice {
+                    return Err(ParamError::new(
+                        "objective",
+                        "\"ice\" needs a fi-RevNet (model = \"firevnet\"): it reads the nuisance variables z_n",
+                    ));
+                }
+            }
+        }
+        if self.objective == Objective::Ice {
+            let why = "objective = \"ice\"";
+            needed(self.adversary, "adversary", why)?;
+            non_negative("w_adv", needed(self.w_adv, "w_adv", why)?)?;
+            at_least(
+                "inner_steps",
+                needed(self.inner_steps, "inner_steps", why)?,
+                1,
+            )?;
+            needed(self.mle, "mle", why)?;
+            non_negative("w_mle", needed(self.w_mle, "w_mle", why)?)?;
+            at_least(
+                "adversary_width",
+                needed(self.adversary_width, "adversary_width", why)?,
+                1,
+            )?;
+            at_least(
+                "adversary_layers",
+                needed(self.adversary_layers, "adversary_layers", why)?,
+                1,
+            )?;
+            probability(
+                "adversary_dropout",
+                needed(self.adversary_dropout, "adversary_dropout", why)?,
+            )?;
+            positive(
+                "adversary_lr",
+                needed(self.adversary_lr, "adversary_lr", why)?,
+            )?;
+        }
+        Ok(())
     }
-    Ok(v as usize)
 }
 
-/// The architecture from the stage's params (only the chosen model's params are read).
-pub fn model_config(ctx: &StageContext) -> Result<ModelConfig> {
-    Ok(match ctx.param_str("model")? {
-        "firevnet" => ModelConfig::Firevnet(RevNetConfig {
-            in_channels: usize_param(ctx, "in_channels")?,
-            size: 32,
-            levels: usize_param(ctx, "levels")?,
-            steps: usize_param(ctx, "steps")?,
-            hidden: usize_param(ctx, "hidden")?,
-            coupling: match ctx.param_str("coupling")? {
-                "additive" => CouplingKind::Additive,
-                "affine" => CouplingKind::Affine,
-                other => bail!(
-                    "param {}.coupling: {other:?} is not additive or affine",
-                    ctx.name()
-                ),
+// The `expect`s below hold because `check` ran when the pipeline loaded.
+const CHECKED: &str = "checked when the pipeline loaded";
+
+impl TrainParams {
+    /// The architecture (`permutation_seed` is the stage's seed).
+    pub fn model_config(&self, seed: u64) -> ModelConfig {
+        match self.model {
+            ModelKind::Firevnet => ModelConfig::Firevnet(RevNetConfig {
+                in_channels: self.in_channels.expect(CHECKED),
+                size: REVNET_SIZE,
+                levels: self.levels.expect(CHECKED),
+                steps: self.steps.expect(CHECKED),
+                hidden: self.hidden.expect(CHECKED),
+                coupling: self.coupling.expect(CHECKED),
+                permutation: self.permutation.expect(CHECKED),
+                dropout: self.dropout.expect(CHECKED) as f32,
+                classes: 10,
+                permutation_seed: seed,
+                logit_batchnorm: self.logit_batchnorm.expect(CHECKED),
+            }),
+            ModelKind::Cnn => ModelConfig::Cnn(CnnConfig {
+                width: self.width.expect(CHECKED),
+                side: 28,
+                classes: 10,
+            }),
+        }
+    }
+
+    /// The training settings, seeded with `seed`.
+    pub fn train_settings(&self, seed: u64) -> TrainSettings {
+        let is_revnet = self.model == ModelKind::Firevnet;
+        TrainSettings {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            optimizer: self.optimizer,
+            lr: self.lr as f32,
+            lr_milestones: self.lr_milestones.clone(),
+            lr_gamma: self.lr_gamma as f32,
+            seed,
+            // iCE has its own MLE weight (`w_mle`); `nll_weight` is the CE objective's.
+            nll_weight: match (is_revnet, self.objective) {
+                (true, Objective::Ce) => self.nll_weight.expect(CHECKED) as f32,
+                _ => 0.0,
             },
-            permutation: match ctx.param_str("permutation")? {
-                "reverse" => Permutation::Reverse,
-                "shuffle" => Permutation::Shuffle,
-                other => bail!(
-                    "param {}.permutation: {other:?} is not reverse or shuffle",
-                    ctx.name()
-                ),
-            },
-            dropout: ctx.param_float("dropout")? as f32,
-            classes: 10,
-            permutation_seed: ctx.seed(),
-            logit_batchnorm: ctx.param_bool("logit_batchnorm")?,
-        }),
-        "cnn" => ModelConfig::Cnn(CnnConfig {
-            width: usize_param(ctx, "width")?,
-            side: 28,
-            classes: 10,
-        }),
-        other => bail!(
-            "param {}.model: {other:?} is not firevnet or cnn",
-            ctx.name()
-        ),
-    })
+            dequantize: is_revnet && self.dequantize.expect(CHECKED),
+            train_limit: self.train_limit.raw(),
+            test_limit: self.test_limit.raw(),
+            ice: (self.objective == Objective::Ice).then(|| self.ice_settings()),
+        }
+    }
+
+    /// The iCE objective's settings (`objective = "ice"` only).
+    pub fn ice_settings(&self) -> IceSettings {
+        IceSettings {
+            variant: self.adversary.expect(CHECKED),
+            w_adv: self.w_adv.expect(CHECKED) as f32,
+            inner_steps: self.inner_steps.expect(CHECKED),
+            mle: self.mle.expect(CHECKED),
+            w_mle: self.w_mle.expect(CHECKED) as f32,
+            adversary_width: self.adversary_width.expect(CHECKED),
+            adversary_layers: self.adversary_layers.expect(CHECKED),
+            adversary_dropout: self.adversary_dropout.expect(CHECKED) as f32,
+            adversary_lr: self.adversary_lr.expect(CHECKED) as f32,
+        }
+    }
 }
 
-pub fn train_settings(ctx: &StageContext, seed: u64) -> Result<TrainSettings> {
-    let milestones = match ctx.params().get("lr_milestones") {
-        Some(Param::List(items)) => items
-            .iter()
-            .map(|i| match i {
-                Param::Int(e) if *e >= 0 => Ok(*e as usize),
-                other => bail!(
-                    "param {}.lr_milestones: {other} is not an epoch",
-                    ctx.name()
-                ),
-            })
-            .collect::<Result<_>>()?,
-        _ => bail!(
-            "param {}.lr_milestones must be a list of epochs",
-            ctx.name()
-        ),
-    };
-    let is_revnet = ctx.param_str("model")? == "firevnet";
-    Ok(TrainSettings {
-        epochs: usize_param(ctx, "epochs")?,
-        batch_size: usize_param(ctx, "batch_size")?.max(1),
-        optimizer: match ctx.param_str("optimizer")? {
-            "adam" => OptimizerKind::Adam,
-            "adamax" => OptimizerKind::Adamax,
-            other => bail!(
-                "param {}.optimizer: {other:?} is not adam or adamax",
-                ctx.name()
-            ),
-        },
-        lr: ctx.param_float("lr")? as f32,
-        lr_milestones: milestones,
-        lr_gamma: ctx.param_float("lr_gamma")? as f32,
-        seed,
-        // iCE has its own MLE weight (`w_mle`); `nll_weight` is the CE objective's.
-        nll_weight: if is_revnet && ctx.param_str("objective")? == "ce" {
-            ctx.param_float("nll_weight")? as f32
-        } else {
-            0.0
-        },
-        dequantize: is_revnet && ctx.param_bool("dequantize")?,
-        train_limit: usize_param(ctx, "train_limit")?,
-        test_limit: usize_param(ctx, "test_limit")?,
-        ice: match ctx.param_str("objective")? {
-            "ce" => None,
-            "ice" if is_revnet => Some(ice_settings(ctx)?),
-            "ice" => bail!(
-                "param {}.objective: iCE needs a fi-RevNet (model = \"firevnet\")",
-                ctx.name()
-            ),
-            other => bail!(
-                "param {}.objective: {other:?} is not a known objective (ce, ice)",
-                ctx.name()
-            ),
-        },
-    })
+/// A fresh post-hoc probe on frozen latents (the `probe` stage's params; the `ablation`
+/// stage's `probe_*` params): an MLP of the adversary's shape, trained on the first
+/// `train_limit` training latents of which a seeded `validation` are held out to pick the epoch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeParams {
+    pub width: usize,
+    pub layers: usize,
+    pub dropout: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub train_limit: Limit,
+    pub validation: usize,
 }
 
-/// The iCE objective's params (read only when `objective = "ice"`).
-pub fn ice_settings(ctx: &StageContext) -> Result<IceSettings> {
-    Ok(IceSettings {
-        variant: match ctx.param_str("adversary")? {
-            "paper" => AdversaryVariant::Paper,
-            "confusion" => AdversaryVariant::Confusion,
-            "code" => AdversaryVariant::Code,
-            other => bail!(
-                "param {}.adversary: {other:?} is not paper, confusion or code",
-                ctx.name()
-            ),
-        },
-        w_adv: ctx.param_float("w_adv")? as f32,
-        inner_steps: usize_param(ctx, "inner_steps")?,
-        mle: match ctx.param_str("mle")? {
-            "paper" => MleVariant::Paper,
-            "code" => MleVariant::Code,
-            other => bail!("param {}.mle: {other:?} is not paper or code", ctx.name()),
-        },
-        w_mle: ctx.param_float("w_mle")? as f32,
-        adversary_width: usize_param(ctx, "adversary_width")?,
-        adversary_layers: usize_param(ctx, "adversary_layers")?.max(1),
-        adversary_dropout: ctx.param_float("adversary_dropout")? as f32,
-        adversary_lr: ctx.param_float("adversary_lr")? as f32,
-    })
+impl TypedParams for ProbeParams {
+    fn check(&self) -> Result<(), ParamError> {
+        at_least("width", self.width, 1)?;
+        at_least("layers", self.layers, 1)?;
+        probability("dropout", self.dropout)?;
+        at_least("epochs", self.epochs, 1)?;
+        at_least("batch_size", self.batch_size, 1)?;
+        positive("lr", self.lr)?;
+        at_least("validation", self.validation, 1)?;
+        let limit = self.train_limit.raw();
+        if limit != 0 && self.validation >= limit {
+            return Err(ParamError::new(
+                "validation",
+                format!(
+                    "{} is out of range: the held-out examples must be fewer than train_limit ({limit})",
+                    self.validation
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ProbeParams {
+    pub fn settings(&self, seed: u64) -> ProbeSettings {
+        ProbeSettings {
+            width: self.width,
+            layers: self.layers,
+            dropout: self.dropout as f32,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr as f32,
+            seed,
+        }
+    }
+
+    /// How many training examples the probe sees (fit + validation), of `available`; an
+    /// error when the validation set would take them all.
+    pub fn n_train(&self, available: usize) -> Result<usize> {
+        let n = self.train_limit.of(available);
+        anyhow::ensure!(
+            self.validation < n,
+            "param validation = {} must be below the {n} training examples",
+            self.validation
+        );
+        Ok(n)
+    }
 }
 
 /// Trains one model with per-epoch checkpoints named `checkpoint`; returns the trainer.

@@ -516,7 +516,7 @@ fn every_profile_names_itself_in_the_report() {
             &repo.join("pipeline/pipeline.toml"),
             &profile,
             &[],
-            &repro::stages::registry().names(),
+            &repro::stages::registry(),
         )
         .unwrap();
         assert_eq!(

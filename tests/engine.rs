@@ -8,22 +8,31 @@ use std::time::Duration;
 
 use anyhow::Result;
 use repro::engine::{
-    maintain, Engine, Finished, Outcome, Pipeline, Registry, RunOptions, RunRecord, StageContext,
-    StageKind, State, Store,
+    maintain, Engine, Finished, NoParams, Outcome, Pipeline, Registry, RunOptions, RunRecord,
+    StageContext, StageKind, State, Store, TypedParams,
 };
+use serde::Deserialize;
 
 /// Writes its `text` param to `out.txt` (its `comment` param changes the key, not the bytes).
 struct Source;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceParams {
+    text: String,
+    #[allow(dead_code)]
+    comment: String,
+}
+impl TypedParams for SourceParams {}
 impl StageKind for Source {
+    type Params = SourceParams;
     fn kind(&self) -> &str {
         "source"
     }
     fn code_fingerprint(&self) -> String {
         "source-v1".into()
     }
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
-        let text = ctx.param_str("text")?.to_string();
-        ctx.write_output("out.txt", text.as_bytes())?;
+    fn run(&self, ctx: &mut StageContext, params: &SourceParams) -> Result<Finished> {
+        ctx.write_output("out.txt", params.text.as_bytes())?;
         Ok(Finished::Done)
     }
 }
@@ -31,13 +40,14 @@ impl StageKind for Source {
 /// Upper-cases every input it reads.
 struct Upper;
 impl StageKind for Upper {
+    type Params = NoParams;
     fn kind(&self) -> &str {
         "upper"
     }
     fn code_fingerprint(&self) -> String {
         "upper-v1".into()
     }
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, _: &NoParams) -> Result<Finished> {
         let mut all = String::new();
         for stage in ctx
             .input_stages()
@@ -62,13 +72,14 @@ impl StageKind for Upper {
 /// Renders its repository file `tpl/page.txt` around its input (a stand-in for the report).
 struct Page;
 impl StageKind for Page {
+    type Params = NoParams;
     fn kind(&self) -> &str {
         "page"
     }
     fn code_fingerprint(&self) -> String {
         "page-v1".into()
     }
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, _: &NoParams) -> Result<Finished> {
         let template = std::fs::read_to_string(ctx.repo_path("tpl/page.txt"))?;
         let body = String::from_utf8(ctx.input("upper", "upper.txt")?)?;
         ctx.write_output("page.txt", template.replace("BODY", &body).as_bytes())?;
@@ -79,16 +90,23 @@ impl StageKind for Page {
 /// Counts to `steps`, sleeping `step_ms` per step, checkpointing after each step.
 /// Resumes from its checkpoint; records where it resumed from as a metric.
 struct Slow;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlowParams {
+    steps: i64,
+    step_ms: u64,
+}
+impl TypedParams for SlowParams {}
 impl StageKind for Slow {
+    type Params = SlowParams;
     fn kind(&self) -> &str {
         "slow"
     }
     fn code_fingerprint(&self) -> String {
         "slow-v1".into()
     }
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
-        let steps = ctx.param_int("steps")?;
-        let step_ms = ctx.param_int("step_ms")? as u64;
+    fn run(&self, ctx: &mut StageContext, params: &SlowParams) -> Result<Finished> {
+        let (steps, step_ms) = (params.steps, params.step_ms);
         let start = match ctx.checkpoint_load("step")? {
             Some(bytes) => String::from_utf8(bytes)?.parse::<i64>()?,
             None => 0,
@@ -108,19 +126,35 @@ impl StageKind for Slow {
 
 /// Fails or skips on demand.
 struct Flaky;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlakyParams {
+    mode: FlakyMode,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FlakyMode {
+    Ok,
+    Fail,
+    Skip,
+    Panic,
+}
+impl TypedParams for FlakyParams {}
 impl StageKind for Flaky {
+    type Params = FlakyParams;
     fn kind(&self) -> &str {
         "flaky"
     }
     fn code_fingerprint(&self) -> String {
         "flaky-v1".into()
     }
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &FlakyParams) -> Result<Finished> {
         ctx.write_output("half.txt", b"written before failing")?;
-        match ctx.param_str("mode")? {
-            "fail" => anyhow::bail!("flaky was told to fail"),
-            "skip" => Ok(Finished::Skipped("not installed here".into())),
-            _ => Ok(Finished::Done),
+        match params.mode {
+            FlakyMode::Fail => anyhow::bail!("flaky was told to fail"),
+            FlakyMode::Skip => Ok(Finished::Skipped("not installed here".into())),
+            FlakyMode::Panic => panic!("flaky was told to panic"),
+            FlakyMode::Ok => Ok(Finished::Done),
         }
     }
 }
@@ -191,7 +225,7 @@ impl Repo {
             &self.root.join("pipeline/pipeline.toml"),
             "test",
             &sets,
-            &registry().names(),
+            &registry(),
         )
         .unwrap()
     }
@@ -402,6 +436,181 @@ inputs = ["flaky?"]
     );
 }
 
+const FLAKY_PIPELINE: &str = r#"
+[[stage]]
+name = "flaky"
+kind = "flaky"
+params = { mode = "ok" }
+[[stage]]
+name = "after"
+kind = "upper"
+inputs = ["flaky"]
+[[stage]]
+name = "independent"
+kind = "source"
+params = { text = "still built", comment = "" }
+"#;
+
+#[test]
+fn a_panicking_stage_fails_with_its_message_its_dependants_are_skipped_and_the_run_goes_on() {
+    let repo = Repo::new(FLAKY_PIPELINE);
+    let record = repo.run(&["flaky.mode=panic"]);
+    assert_eq!(
+        outcomes(&record),
+        vec![
+            ("flaky".into(), Outcome::Failed),
+            ("after".into(), Outcome::Skipped),
+            ("independent".into(), Outcome::Ran)
+        ]
+    );
+    let message = record.stages[0].message.as_deref().unwrap();
+    assert!(
+        message.contains("panicked") && message.contains("flaky was told to panic"),
+        "{message}"
+    );
+    // The record is on disk, and the panicking stage left nothing in the store.
+    let records = run_records(&repo.root);
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0], "flaky"), Outcome::Failed);
+    let store = Store::open(&repo.store_dir()).unwrap();
+    assert!(store.last_manifest("flaky").unwrap().is_none());
+    assert!(maintain::verify(&store).unwrap().is_empty());
+    assert!(std::fs::read_dir(repo.store_dir().join("tmp"))
+        .unwrap()
+        .all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("stage-")));
+}
+
+#[test]
+fn a_bad_param_value_is_a_config_error_at_load_naming_where_it_was_set() {
+    let repo = Repo::new(FLAKY_PIPELINE);
+    let load = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Pipeline::load(
+            &repo.root.join("pipeline/pipeline.toml"),
+            "test",
+            &sets,
+            &registry(),
+        )
+    };
+    // An unknown enum value from --set: named, with the allowed values.
+    let err = load(&["flaky.mode=explode"]).unwrap_err();
+    assert_eq!(err.location, "--set flaky.mode=explode");
+    let text = err.to_string();
+    assert!(
+        text.contains("param mode") && text.contains("explode"),
+        "{text}"
+    );
+    for allowed in ["ok", "fail", "skip", "panic"] {
+        assert!(text.contains(allowed), "{text}");
+    }
+    // The same value from the profile: the profile file's line.
+    std::fs::write(
+        repo.root.join("pipeline/profiles/test.toml"),
+        "[params.flaky]\nmode = \"explode\"\n",
+    )
+    .unwrap();
+    let err = load(&[]).unwrap_err();
+    assert!(err.location.ends_with("test.toml:2:1"), "{}", err.location);
+    // And from pipeline.toml itself.
+    std::fs::write(repo.root.join("pipeline/profiles/test.toml"), "").unwrap();
+    std::fs::write(
+        repo.root.join("pipeline/pipeline.toml"),
+        FLAKY_PIPELINE.replace("mode = \"ok\"", "mode = \"explode\""),
+    )
+    .unwrap();
+    let err = load(&[]).unwrap_err();
+    assert!(
+        err.location.contains("pipeline.toml:5:"),
+        "{}",
+        err.location
+    );
+    assert!(!repo.store_dir().exists(), "nothing touched the store");
+}
+
+#[test]
+fn gc_waits_for_a_running_build_and_leaves_the_store_consistent() {
+    let repo = Repo::new(PIPELINE);
+    let sets = ["slow.steps=20", "slow.step_ms=50"];
+    let store = Store::open(&repo.store_dir()).unwrap();
+    let build = std::thread::scope(|scope| {
+        let build = scope.spawn(|| {
+            let record = repo.run(&sets);
+            (record, std::time::Instant::now())
+        });
+        // Wait until the slow stage is building, then collect garbage.
+        let checkpoints = repo.store_dir().join("tmp/checkpoints");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::fs::read_dir(&checkpoints).map_or(true, |mut d| d.next().is_none()) {
+            assert!(std::time::Instant::now() < deadline, "slow never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let alone = store.lock_exclusive().unwrap();
+        let gc_started = std::time::Instant::now();
+        // What gc keeps: the current keys (nothing of a build in flight is among them yet).
+        let keep = repo
+            .status(&sets)
+            .into_iter()
+            .filter_map(|s| s.key)
+            .collect();
+        maintain::gc(&store, &keep).unwrap();
+        drop(alone);
+        let (record, build_ended) = build.join().unwrap();
+        assert!(
+            build_ended <= gc_started,
+            "gc started before the build it would race with had finished"
+        );
+        record
+    });
+    assert!(!build.failed(), "{:?}", outcomes(&build));
+    assert!(maintain::verify(&store).unwrap().is_empty());
+    let rerun = repo.run(&sets);
+    assert!(
+        rerun.stages.iter().all(|s| s.outcome == Outcome::Hit),
+        "gc removed nothing the build published: {:?}",
+        outcomes(&rerun)
+    );
+}
+
+#[test]
+fn cleaning_tmp_removes_only_what_dead_processes_left() {
+    let repo = Repo::new(PIPELINE);
+    let store = Store::open(&repo.store_dir()).unwrap();
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let alive = std::process::id();
+    let tmp = repo.store_dir().join("tmp");
+    for name in [
+        format!("manifest-{alive}-0"),
+        format!("manifest-{dead}-0"),
+        format!("stage-abc-{dead}-1"),
+        format!("stage-abc-{alive}-1"),
+    ] {
+        if name.starts_with("stage-") {
+            std::fs::create_dir(tmp.join(name)).unwrap();
+        } else {
+            std::fs::write(tmp.join(name), b"half").unwrap();
+        }
+    }
+    assert_eq!(store.clean_tmp().unwrap(), 2);
+    let mut left: Vec<String> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        vec![
+            format!("manifest-{alive}-0"),
+            format!("stage-abc-{alive}-1")
+        ]
+    );
+}
+
 #[test]
 fn one_flipped_byte_is_found_by_verify_and_by_a_reader_and_repaired_under_repair() {
     let repo = Repo::new(PIPELINE);
@@ -462,7 +671,7 @@ fn pipeline_mistakes_are_config_errors_with_file_and_location() {
             &repo.root.join("pipeline/pipeline.toml"),
             "test",
             &[],
-            &registry().names(),
+            &registry(),
         )
         .unwrap_err();
         assert!(err.to_string().contains(expected), "{err}");
@@ -479,7 +688,7 @@ fn pipeline_mistakes_are_config_errors_with_file_and_location() {
             &repo.root.join("pipeline/pipeline.toml"),
             "test",
             &sets,
-            &registry().names(),
+            &registry(),
         )
     };
     let err = load(&["source.txt=1"]).unwrap_err();
@@ -516,7 +725,7 @@ fn pipeline_mistakes_are_config_errors_with_file_and_location() {
         &repo.root.join("pipeline/pipeline.toml"),
         "fast",
         &[],
-        &registry().names(),
+        &registry(),
     )
     .unwrap_err();
     assert!(err.to_string().contains("valid profiles: test"), "{err}");
@@ -538,7 +747,7 @@ fn a_stage_limited_to_other_profiles_is_dropped_with_its_optional_inputs() {
             &repo.root.join("pipeline/pipeline.toml"),
             profile,
             &[],
-            &registry().names(),
+            &registry(),
         )
     };
     let narrow = load("test").unwrap();
@@ -660,6 +869,12 @@ fn kill_9_mid_stage_leaves_nothing_half_written_and_the_rerun_resumes_from_its_c
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+
+    // The dead run's record says which stage was building.
+    let records = run_records(&repo.root);
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0], "slow"), Outcome::Interrupted);
+    assert!(records[0].failed());
 
     let store = Store::open(&repo.store_dir()).unwrap();
     assert!(

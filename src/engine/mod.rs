@@ -20,8 +20,13 @@ pub mod stage;
 pub mod store;
 
 pub use key::{ExecFacts, HashedInput, KeyFields};
-pub use params::{Param, Params};
+pub use params::{
+    at_least, deserialize_params, non_negative, positive, probability, split_prefixed, Limit,
+    NoParams, Param, ParamError, Params, StageParams, TypedParams,
+};
 pub use pipeline::{ConfigError, Pipeline, Stage};
-pub use run::{Engine, Outcome, RunOptions, RunRecord, StageStatus, State};
-pub use stage::{Finished, Registry, StageContext, StageKind};
+pub use run::{
+    record_interrupted_runs, Engine, Outcome, RunOptions, RunRecord, StageStatus, State,
+};
+pub use stage::{AnyStageKind, Finished, Registry, StageContext, StageKind};
 pub use store::{CorruptObject, Manifest, Store};

@@ -1,12 +1,19 @@
-//! Stage parameters: a small typed value tree with one canonical byte encoding.
+//! Stage parameters: a small typed value tree with one canonical byte encoding, and the typed
+//! view every stage kind declares over it.
 //!
 //! Parameters come from `pipeline.toml`, are overridden by a profile and by `--set`, and end up
 //! in two places: the stage key (canonically encoded: sorted keys, floats by bit pattern, every
 //! field tagged and length-prefixed) and the manifest (as plain JSON, so `why` can diff them).
+//!
+//! Each stage kind reads them through its own serde struct ([`StageParams`]: unknown fields
+//! rejected, enums for closed sets of strings, range checks in [`StageParams::check`]).
+//! `Pipeline::load` parses every stage of the active profile through it, so a bad value is a
+//! [`ParamError`] before anything runs, not a failure an hour into training.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// One parameter value. Tables are sorted by key so that equal parameter sets encode equally.
@@ -162,6 +169,195 @@ impl fmt::Display for Param {
     }
 }
 
+/// A stage kind's parameters, parsed from [`Params`] (without `seed`, which the engine owns).
+/// Most kinds declare a serde struct ([`TypedParams`]); a kind whose params fall into parts
+/// (e.g. a model's and a sweep's) can parse each part itself.
+pub trait StageParams: Sized {
+    fn from_params(params: &Params) -> Result<Self, ParamError>;
+}
+
+/// A serde struct of parameters: `#[serde(deny_unknown_fields)]`, enums for closed sets of
+/// strings, and `check` for the range checks serde cannot express.
+pub trait TypedParams: DeserializeOwned {
+    fn check(&self) -> Result<(), ParamError> {
+        Ok(())
+    }
+}
+
+impl<T: TypedParams> StageParams for T {
+    fn from_params(params: &Params) -> Result<T, ParamError> {
+        let typed: T = deserialize_params(params)?;
+        typed.check()?;
+        Ok(typed)
+    }
+}
+
+/// A parameter that is wrong: which one and why (the engine adds where it was set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamError {
+    /// The parameter's name (its path for nested values, e.g. `grid_w_adv[1]`).
+    pub param: String,
+    pub message: String,
+}
+
+impl ParamError {
+    pub fn new(param: impl Into<String>, message: impl Into<String>) -> ParamError {
+        ParamError {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ParamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "param {}: {}", self.param, self.message)
+    }
+}
+
+impl std::error::Error for ParamError {}
+
+/// Parses `params` (all but `seed`) into the kind's parameters, checked.
+pub fn parse_params<T: StageParams>(params: &Params) -> Result<T, ParamError> {
+    let mut without_seed = params.clone();
+    without_seed.remove("seed");
+    T::from_params(&without_seed)
+}
+
+/// Deserialises `params` into `T`; an error names the parameter (its path for nested values).
+pub fn deserialize_params<T: DeserializeOwned>(params: &Params) -> Result<T, ParamError> {
+    let value = serde_json::to_value(params).map_err(|e| ParamError::new("?", e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde names an unknown or missing field in its message, not in the path.
+        let param = match field_in_message(&inner) {
+            Some(field) if path == "." => field,
+            _ => path,
+        };
+        ParamError::new(param, inner)
+    })
+}
+
+/// Splits `params` into those whose name starts with `prefix` (with the prefix removed) and
+/// the rest: for kinds whose params fall into parts (`probe_width` → a probe's `width`).
+pub fn split_prefixed(params: &Params, prefix: &str) -> (Params, Params) {
+    let (mut prefixed, mut rest) = (Params::new(), Params::new());
+    for (name, value) in params {
+        match name.strip_prefix(prefix) {
+            Some(stripped) => prefixed.insert(stripped.to_string(), value.clone()),
+            None => rest.insert(name.clone(), value.clone()),
+        };
+    }
+    (prefixed, rest)
+}
+
+/// The field a serde message quotes first (`unknown field `x`, expected ...`).
+fn field_in_message(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_string())
+}
+
+/// The parameters of a stage kind that has none.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+impl TypedParams for NoParams {}
+
+/// A count of examples where 0 means "all of them": the one meaning of every `*_limit`
+/// parameter. Negative values are rejected when the pipeline loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub struct Limit(usize);
+
+impl Limit {
+    /// All examples.
+    pub const ALL: Limit = Limit(0);
+
+    /// How many of `available` examples to use.
+    pub fn of(self, available: usize) -> usize {
+        if self.0 == 0 {
+            available
+        } else {
+            available.min(self.0)
+        }
+    }
+
+    /// The raw value (0 = all), for code that resolves it later.
+    pub fn raw(self) -> usize {
+        self.0
+    }
+}
+
+impl TryFrom<i64> for Limit {
+    type Error = String;
+    fn try_from(value: i64) -> Result<Limit, String> {
+        usize::try_from(value)
+            .map(Limit)
+            .map_err(|_| format!("{value} is not a count (0 means all, otherwise at least 1)"))
+    }
+}
+
+impl From<Limit> for i64 {
+    fn from(limit: Limit) -> i64 {
+        limit.0 as i64
+    }
+}
+
+/// `value >= min`, else an error naming `param`.
+pub fn at_least<T: PartialOrd + fmt::Display>(
+    param: &str,
+    value: T,
+    min: T,
+) -> Result<(), ParamError> {
+    if value >= min {
+        Ok(())
+    } else {
+        Err(ParamError::new(
+            param,
+            format!("{value} is out of range: must be at least {min}"),
+        ))
+    }
+}
+
+/// `value > 0` and finite, else an error naming `param` (learning rates).
+pub fn positive(param: &str, value: f64) -> Result<(), ParamError> {
+    if value > 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(ParamError::new(
+            param,
+            format!("{value} is out of range: must be a finite number above 0"),
+        ))
+    }
+}
+
+/// `0 <= value < 1` (dropout rates), else an error naming `param`.
+pub fn probability(param: &str, value: f64) -> Result<(), ParamError> {
+    if (0.0..1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(ParamError::new(
+            param,
+            format!("{value} is out of range: must be in [0, 1)"),
+        ))
+    }
+}
+
+/// `value >= 0` and finite (loss weights), else an error naming `param`.
+pub fn non_negative(param: &str, value: f64) -> Result<(), ParamError> {
+    if value >= 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(ParamError::new(
+            param,
+            format!("{value} is out of range: must be a finite number ≥ 0"),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +402,81 @@ mod tests {
             Ok(Param::Float(3.0))
         );
         assert!(Param::Str("x".into()).coerce_to(&Param::Int(1)).is_err());
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Toy {
+        #[allow(dead_code)]
+        mode: ToyMode,
+        levels: usize,
+        limit: Limit,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum ToyMode {
+        Adam,
+        Adamax,
+    }
+
+    impl TypedParams for Toy {
+        fn check(&self) -> Result<(), ParamError> {
+            at_least("levels", self.levels, 1)
+        }
+    }
+
+    fn toy(pairs: &[(&str, Param)]) -> Result<Toy, ParamError> {
+        parse_params(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn typed_params_name_the_param_and_the_allowed_values() {
+        let ok = [
+            ("mode", Param::Str("adam".into())),
+            ("levels", Param::Int(3)),
+            ("limit", Param::Int(0)),
+            ("seed", Param::Int(4)),
+        ];
+        let parsed = toy(&ok).unwrap();
+        assert_eq!(parsed.limit.of(60_000), 60_000);
+        let mut bad = ok.clone();
+        bad[0].1 = Param::Str("adamw".into());
+        let e = toy(&bad).unwrap_err();
+        assert_eq!(e.param, "mode");
+        assert!(
+            e.message.contains("adamw") && e.message.contains("adamax"),
+            "{e}"
+        );
+        let mut zero = ok.clone();
+        zero[1].1 = Param::Int(0);
+        let e = toy(&zero).unwrap_err();
+        assert_eq!(e.param, "levels");
+        assert!(e.message.contains("at least 1"), "{e}");
+        let mut negative = ok.clone();
+        negative[2].1 = Param::Int(-1);
+        let e = toy(&negative).unwrap_err();
+        assert_eq!(e.param, "limit");
+        assert!(e.message.contains("0 means all"), "{e}");
+        let mut extra = ok.to_vec();
+        extra.push(("levles", Param::Int(2)));
+        let e = toy(&extra).unwrap_err();
+        assert_eq!(e.param, "levles");
+        let e = toy(&ok[1..]).unwrap_err();
+        assert_eq!(e.param, "mode");
+        assert!(e.message.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_limit_of_zero_means_all_and_otherwise_caps() {
+        assert_eq!(Limit::ALL.of(7), 7);
+        assert_eq!(Limit::try_from(5).unwrap().of(7), 5);
+        assert_eq!(Limit::try_from(50).unwrap().of(7), 7);
+        assert!(Limit::try_from(-1).is_err());
     }
 }

@@ -31,6 +31,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::params::{Param, Params};
+use super::stage::Registry;
 
 /// A mistake in the pipeline description or its overrides (exit status 2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,11 @@ pub struct Stage {
     pub export: Option<String>,
     pub params: Params,
     pub seed: u64,
+    /// Where each parameter got its final value (`file:line:column` or `--set ...`), so that a
+    /// bad value is reported where the user wrote it.
+    pub origins: BTreeMap<String, String>,
+    /// Where the stage is declared (`file:line:column`).
+    pub declared_at: String,
 }
 
 /// A validated pipeline: stages in a topological order (declaration order where free).
@@ -203,14 +209,15 @@ pub fn available_profiles(pipeline_file: &Path) -> Vec<String> {
 }
 
 impl Pipeline {
-    /// Loads and validates `file` with the profile `profile` and the `--set` overrides.
-    /// `kinds` are the registered stage kinds.
+    /// Loads and validates `file` with the profile `profile` and the `--set` overrides: the
+    /// DAG, and every stage's parameters through its kind's typed params (from `registry`).
     pub fn load(
         file: &Path,
         profile: &str,
         sets: &[String],
-        kinds: &[&str],
+        registry: &Registry,
     ) -> Result<Pipeline, ConfigError> {
+        let kinds = &registry.names();
         let text = read(file)?;
         let src = Located { file, text: &text };
         let decl: PipelineFile = src.parse()?;
@@ -242,10 +249,12 @@ impl Pipeline {
                 ));
             }
             let mut params = Params::new();
+            let mut origins = BTreeMap::new();
             for (key, value) in &s.params {
                 let param = Param::from_toml(value.get_ref())
                     .map_err(|m| src.err(value.span().start, m))?;
                 params.insert(key.get_ref().clone(), param);
+                origins.insert(key.get_ref().clone(), src.at(key.span().start));
             }
             let seed = match params.get("seed") {
                 Some(Param::Int(seed)) if *seed >= 0 => *seed as u64,
@@ -266,6 +275,8 @@ impl Pipeline {
                 export: s.export.clone(),
                 params,
                 seed,
+                origins,
+                declared_at: src.at(s.name.span().start),
             });
         }
         let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
@@ -345,6 +356,9 @@ impl Pipeline {
                     .map_err(|m| psrc.err(value.span().start, m))?;
                 override_param(stage, param.get_ref(), new)
                     .map_err(|m| psrc.err(param.span().start, m))?;
+                stage
+                    .origins
+                    .insert(param.get_ref().clone(), psrc.at(param.span().start));
             }
         }
 
@@ -367,6 +381,9 @@ impl Pipeline {
                 )));
             };
             override_param(stage, param, Param::parse_cli(value)).map_err(located)?;
+            stage
+                .origins
+                .insert(param.to_string(), format!("--set {set}"));
         }
 
         // Stages that exist only in other profiles.
@@ -415,6 +432,30 @@ impl Pipeline {
                 });
             }
             stage.inputs.retain(|i| !absent.contains_key(&i.stage));
+        }
+
+        // Every stage's params through its kind's typed struct: a bad value stops here.
+        for stage in &stages {
+            let kind = registry.get(&stage.kind).expect("kinds are checked above");
+            kind.check_params(&stage.params).map_err(|e| {
+                let location = stage
+                    .origins
+                    .get(&e.param)
+                    .or_else(|| {
+                        // `grid_w_adv[1]` was set where `grid_w_adv` was.
+                        let base = e.param.split(['[', '.']).next().unwrap_or_default();
+                        stage.origins.get(base)
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| stage.declared_at.clone());
+                ConfigError {
+                    location,
+                    message: format!(
+                        "stage {:?} (kind {}): param {}: {}",
+                        stage.name, stage.kind, e.param, e.message
+                    ),
+                }
+            })?;
         }
 
         let description = if pdecl.profile.expected_runtime.is_empty() {

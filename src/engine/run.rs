@@ -3,9 +3,12 @@
 //! Also the read-only views: `status` (fresh / stale / missing, with reasons) and `why`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
+
+use fs_err as fs;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -23,6 +26,8 @@ pub enum Outcome {
     Ran,
     Failed,
     Skipped,
+    /// The process was stopped (Ctrl-C, SIGTERM, or killed) while the stage was building.
+    Interrupted,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -47,8 +52,73 @@ pub struct RunRecord {
 
 impl RunRecord {
     pub fn failed(&self) -> bool {
-        self.stages.iter().any(|s| s.outcome == Outcome::Failed)
+        self.stages
+            .iter()
+            .any(|s| matches!(s.outcome, Outcome::Failed | Outcome::Interrupted))
     }
+}
+
+/// The run record of a run in progress, kept on disk as the run goes: when a stage starts
+/// building, the record is written with it as `interrupted` (what it will say if the process
+/// dies), and rewritten when it ends. A Ctrl-C / SIGTERM handler calls
+/// [`record_interrupted_runs`] to write it once more with the time spent.
+struct Journal {
+    state: Mutex<JournalState>,
+}
+
+struct JournalState {
+    record: RunRecord,
+    path: PathBuf,
+    tmp_dir: PathBuf,
+    /// The stage building now and when it started.
+    in_flight: Option<(StageRecord, Instant)>,
+}
+
+impl JournalState {
+    fn write(&self) -> Result<()> {
+        let mut record = self.record.clone();
+        if let Some((stage, start)) = &self.in_flight {
+            record.stages.push(StageRecord {
+                seconds: start.elapsed().as_secs_f64(),
+                ..stage.clone()
+            });
+        }
+        let tmp = self.tmp_dir.join(format!(
+            "run-{}-{}",
+            std::process::id(),
+            JOURNAL_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        atomic_write(&self.path, &serde_json::to_vec_pretty(&record)?, &tmp)
+    }
+}
+
+static JOURNAL_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The runs of this process in progress (for the signal handler).
+static ACTIVE_RUNS: Mutex<Vec<Arc<Journal>>> = Mutex::new(Vec::new());
+
+/// Writes the record of every run in progress in this process, with the stage building now as
+/// `interrupted`. Called from the CLI's Ctrl-C / SIGTERM handler just before it exits; returns
+/// the records' paths.
+pub fn record_interrupted_runs() -> Vec<PathBuf> {
+    let active = ACTIVE_RUNS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut paths = Vec::new();
+    for journal in active.iter() {
+        let state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.write().is_ok() {
+            paths.push(state.path.clone());
+        }
+    }
+    paths
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// `status --json` rows.
@@ -106,13 +176,53 @@ impl<'a> Engine<'a> {
     }
 
     /// Builds `targets` (and nothing else; the caller includes their ancestors) in order.
+    /// A stage that fails (or panics) is `failed` and its dependants `skipped`; the run goes
+    /// on and its record is always written.
     pub fn run(&self, targets: &[&Stage], command: &str) -> Result<RunRecord> {
+        // Builds share the store; `gc` takes it alone, so it never deletes an object that a
+        // build has published but not yet named in a manifest.
+        let _in_use = self.store.lock_shared()?;
         let started_utc = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let journal = Arc::new(Journal {
+            state: Mutex::new(JournalState {
+                record: RunRecord {
+                    profile: self.pipeline.profile.clone(),
+                    command: command.to_string(),
+                    started_utc: started_utc.clone(),
+                    stages: Vec::new(),
+                },
+                path: self.run_record_path(&started_utc)?,
+                tmp_dir: self.store.root().join("tmp"),
+                in_flight: None,
+            }),
+        });
+        ACTIVE_RUNS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(journal.clone());
+        let result = self.run_journaled(targets, &journal);
+        ACTIVE_RUNS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|j| !Arc::ptr_eq(j, &journal));
+        result
+    }
+
+    fn run_journaled(&self, targets: &[&Stage], journal: &Arc<Journal>) -> Result<RunRecord> {
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
-        let mut records = Vec::new();
         for stage in targets {
             let start = Instant::now();
-            let (outcome, key, message, state) = self.run_one(stage, &resolved);
+            let (outcome, key, message, state) =
+                catch_unwind(AssertUnwindSafe(|| self.run_one(stage, &resolved, journal)))
+                    .unwrap_or_else(|payload| {
+                        let m = format!("panicked: {}", panic_message(payload.as_ref()));
+                        (
+                            Outcome::Failed,
+                            None,
+                            Some(m.clone()),
+                            Resolved::Unavailable(m),
+                        )
+                    });
             let seconds = start.elapsed().as_secs_f64();
             match (&outcome, &message) {
                 (Outcome::Failed, Some(m)) => tracing::error!("{}: failed: {m}", stage.name),
@@ -129,7 +239,9 @@ impl<'a> Engine<'a> {
                     key.as_deref().map_or("?", |k| &k[..12])
                 ),
             }
-            records.push(StageRecord {
+            let mut state_now = journal.state.lock().unwrap_or_else(|e| e.into_inner());
+            state_now.in_flight = None;
+            state_now.record.stages.push(StageRecord {
                 name: stage.name.clone(),
                 kind: stage.kind.clone(),
                 key,
@@ -137,22 +249,19 @@ impl<'a> Engine<'a> {
                 seconds,
                 message,
             });
+            drop(state_now);
             resolved.insert(stage.name.clone(), state);
         }
-        let record = RunRecord {
-            profile: self.pipeline.profile.clone(),
-            command: command.to_string(),
-            started_utc,
-            stages: records,
-        };
-        self.write_run_record(&record)?;
-        Ok(record)
+        let state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.write()?;
+        Ok(state.record.clone())
     }
 
     fn run_one(
         &self,
         stage: &Stage,
         resolved: &HashMap<String, Resolved>,
+        journal: &Journal,
     ) -> (Outcome, Option<String>, Option<String>, Resolved) {
         let fields = match self.key_fields(stage, resolved) {
             Ok(Ok(fields)) => fields,
@@ -175,7 +284,7 @@ impl<'a> Engine<'a> {
             }
         };
         let key = fields.key();
-        match self.build(stage, &key, fields, resolved) {
+        match self.build(stage, &key, fields, resolved, journal) {
             Ok((outcome, Some(manifest))) => {
                 if let Err(e) = self.export(stage, &manifest) {
                     let m = format!("{e:#}");
@@ -245,6 +354,7 @@ impl<'a> Engine<'a> {
         key: &str,
         fields: KeyFields,
         resolved: &HashMap<String, Resolved>,
+        journal: &Journal,
     ) -> Result<(Outcome, Option<Manifest>), BuildError> {
         if let Some(m) = self.usable_manifest(key)? {
             return Ok((Outcome::Hit, Some(m)));
@@ -286,9 +396,32 @@ impl<'a> Engine<'a> {
             metrics: serde_json::Map::new(),
             progress: self.options.progress,
         };
+        {
+            // From here on a dead process leaves a record saying this stage was interrupted.
+            let mut state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.in_flight = Some((
+                StageRecord {
+                    name: stage.name.clone(),
+                    kind: stage.kind.clone(),
+                    key: Some(key.to_string()),
+                    outcome: Outcome::Interrupted,
+                    seconds: 0.0,
+                    message: Some("the process stopped while this stage was building".into()),
+                },
+                Instant::now(),
+            ));
+            state.write()?;
+        }
         let started_utc = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let start = Instant::now();
-        let result = kind.run(&mut ctx);
+        // A panic inside a stage is that stage's failure, not the run's.
+        let result = catch_unwind(AssertUnwindSafe(|| kind.run(&mut ctx))).unwrap_or_else(|p| {
+            Err(anyhow::anyhow!(
+                "stage {} panicked: {}",
+                stage.name,
+                panic_message(p.as_ref())
+            ))
+        });
         let seconds = start.elapsed().as_secs_f64();
         let cleanup = || {
             let _ = fs::remove_dir_all(&staging);
@@ -480,20 +613,17 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    fn write_run_record(&self, record: &RunRecord) -> Result<PathBuf> {
+    /// Where this run's record goes: `runs/<UTC timestamp>.json` (with the pid if taken).
+    fn run_record_path(&self, started_utc: &str) -> Result<PathBuf> {
         let dir = self.artifacts_dir().join("runs");
         fs::create_dir_all(&dir)?;
-        let stamp = record.started_utc.replace([':', '-'], "");
-        let mut path = dir.join(format!("{stamp}.json"));
-        if path.exists() {
-            path = dir.join(format!("{stamp}-{}.json", std::process::id()));
-        }
-        atomic_write(
-            &path,
-            &serde_json::to_vec_pretty(record)?,
-            &self.store.unique_tmp_path("run"),
-        )?;
-        Ok(path)
+        let stamp = started_utc.replace([':', '-'], "");
+        let path = dir.join(format!("{stamp}.json"));
+        Ok(if path.exists() {
+            dir.join(format!("{stamp}-{}.json", std::process::id()))
+        } else {
+            path
+        })
     }
 
     /// Current state of every stage, without building anything.
@@ -560,13 +690,15 @@ impl<'a> Engine<'a> {
         Ok(self.status()?.into_iter().filter_map(|s| s.key).collect())
     }
 
-    /// Every key field that differs between the last build of `name` and now.
+    /// Every key field that differs between the last build of `name` and now. An unknown
+    /// stage is a [`ConfigError`](super::ConfigError).
     pub fn why(&self, name: &str) -> Result<Vec<String>> {
+        self.pipeline.with_ancestors(name)?;
         let status = self.status()?;
         let row = status
             .iter()
             .find(|s| s.name == name)
-            .expect("caller validated the name");
+            .expect("with_ancestors checked the name");
         let mut lines = vec![format!("{name}: {:?}", row.state).to_lowercase()];
         if let Some(key) = &row.key {
             lines.push(format!("current key: {key}"));

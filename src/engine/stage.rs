@@ -5,15 +5,15 @@
 //! writes named outputs into a private staging directory, logs, and may checkpoint. It never
 //! sees the store's layout: the engine publishes its outputs only if `run` returns `Ok`.
 
+use fs_err as fs;
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::key::ExecFacts;
-use super::params::{Param, Params};
+use super::params::{parse_params, ParamError, Params, StageParams};
 use super::pipeline::Stage;
 use super::store::{atomic_write, check_output_name, Manifest, Store};
 
@@ -29,6 +29,9 @@ pub enum Finished {
 
 /// A kind of stage: what the `kind` field of `pipeline.toml` names.
 pub trait StageKind: Send + Sync {
+    /// The parameters this kind reads, checked when the pipeline loads.
+    type Params: StageParams;
+
     /// The name used in `pipeline.toml`.
     fn kind(&self) -> &str;
 
@@ -38,7 +41,7 @@ pub trait StageKind: Send + Sync {
 
     /// Files outside the repository whose content the outputs depend on (a dataset directory
     /// given as a parameter); their hashes go into the key. Missing files hash as `absent`.
-    fn external_files(&self, _params: &Params) -> Result<Vec<PathBuf>> {
+    fn external_files(&self, _params: &Self::Params) -> Result<Vec<PathBuf>> {
         Ok(Vec::new())
     }
 
@@ -49,13 +52,52 @@ pub trait StageKind: Send + Sync {
     }
 
     /// Produces the outputs.
+    fn run(&self, ctx: &mut StageContext, params: &Self::Params) -> Result<Finished>;
+}
+
+/// A [`StageKind`] with its parameters still untyped: what the [`Registry`] holds and the
+/// engine calls. Every `StageKind` is one.
+pub trait AnyStageKind: Send + Sync {
+    fn kind(&self) -> &str;
+    fn code_fingerprint(&self) -> String;
+    /// Parses `params` through the kind's [`StageKind::Params`].
+    fn check_params(&self, params: &Params) -> Result<(), ParamError>;
+    fn external_files(&self, params: &Params) -> Result<Vec<PathBuf>>;
+    fn reads_provenance(&self) -> bool;
     fn run(&self, ctx: &mut StageContext) -> Result<Finished>;
+}
+
+impl<K: StageKind> AnyStageKind for K {
+    fn kind(&self) -> &str {
+        StageKind::kind(self)
+    }
+
+    fn code_fingerprint(&self) -> String {
+        StageKind::code_fingerprint(self)
+    }
+
+    fn check_params(&self, params: &Params) -> Result<(), ParamError> {
+        parse_params::<K::Params>(params).map(drop)
+    }
+
+    fn external_files(&self, params: &Params) -> Result<Vec<PathBuf>> {
+        StageKind::external_files(self, &parse_params::<K::Params>(params)?)
+    }
+
+    fn reads_provenance(&self) -> bool {
+        StageKind::reads_provenance(self)
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+        let params = parse_params::<K::Params>(&ctx.stage.params)?;
+        StageKind::run(self, ctx, &params)
+    }
 }
 
 /// The registered stage kinds.
 #[derive(Default)]
 pub struct Registry {
-    kinds: Vec<Box<dyn StageKind>>,
+    kinds: Vec<Box<dyn AnyStageKind>>,
 }
 
 impl Registry {
@@ -68,7 +110,7 @@ impl Registry {
         self
     }
 
-    pub fn get(&self, kind: &str) -> Option<&dyn StageKind> {
+    pub fn get(&self, kind: &str) -> Option<&dyn AnyStageKind> {
         self.kinds
             .iter()
             .find(|k| k.kind() == kind)
@@ -118,58 +160,9 @@ impl StageContext<'_> {
         &self.exec
     }
 
+    /// The stage's parameters as they go into its key (the typed view is `run`'s argument).
     pub fn params(&self) -> &Params {
         &self.stage.params
-    }
-
-    fn param(&self, name: &str) -> Result<&Param> {
-        self.stage.params.get(name).ok_or_else(|| {
-            anyhow!(
-                "stage {:?} needs param {name:?}, which pipeline.toml does not declare",
-                self.stage.name
-            )
-        })
-    }
-
-    pub fn param_str(&self, name: &str) -> Result<&str> {
-        match self.param(name)? {
-            Param::Str(s) => Ok(s),
-            other => bail!(
-                "param {}.{name} must be a string, not {other}",
-                self.stage.name
-            ),
-        }
-    }
-
-    pub fn param_int(&self, name: &str) -> Result<i64> {
-        match self.param(name)? {
-            Param::Int(i) => Ok(*i),
-            other => bail!(
-                "param {}.{name} must be an integer, not {other}",
-                self.stage.name
-            ),
-        }
-    }
-
-    pub fn param_float(&self, name: &str) -> Result<f64> {
-        match self.param(name)? {
-            Param::Float(f) => Ok(*f),
-            Param::Int(i) => Ok(*i as f64),
-            other => bail!(
-                "param {}.{name} must be a number, not {other}",
-                self.stage.name
-            ),
-        }
-    }
-
-    pub fn param_bool(&self, name: &str) -> Result<bool> {
-        match self.param(name)? {
-            Param::Bool(b) => Ok(*b),
-            other => bail!(
-                "param {}.{name} must be true or false, not {other}",
-                self.stage.name
-            ),
-        }
     }
 
     /// The stage's seed (its `seed` param, else the pipeline's).
@@ -346,23 +339,15 @@ impl StageContext<'_> {
 /// Files under `path` (itself if a file), as paths relative to `root`, sorted.
 pub(crate) fn files_under(root: &Path, path: &str) -> Result<Vec<String>> {
     let full = root.join(path);
-    if full.is_file() {
-        return Ok(vec![path.to_string()]);
-    }
-    if !full.is_dir() {
+    if !full.exists() {
         bail!("file {} (listed in `files`) does not exist", full.display());
     }
     let mut out = Vec::new();
-    let mut stack = vec![path.trim_end_matches('/').to_string()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(root.join(&dir)).with_context(|| format!("listing {dir}"))? {
-            let entry = entry?;
-            let rel = format!("{dir}/{}", entry.file_name().to_string_lossy());
-            if entry.file_type()?.is_dir() {
-                stack.push(rel);
-            } else {
-                out.push(rel);
-            }
+    for entry in walkdir::WalkDir::new(&full) {
+        let entry = entry.with_context(|| format!("listing {}", full.display()))?;
+        if !entry.file_type().is_dir() {
+            let rel = entry.path().strip_prefix(root).expect("walked below root");
+            out.push(rel.to_string_lossy().replace('\\', "/"));
         }
     }
     out.sort();

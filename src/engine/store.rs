@@ -6,19 +6,24 @@
 //! <store>/manifests/<key>.json    outputs -> object hashes, log, timings, every key field
 //! <store>/refs/<stage>            the key of the last manifest published for that stage name
 //! <store>/locks/<key>.lock        one advisory lock per key
+//! <store>/store.lock              builds hold it shared, `gc` exclusively
 //! <store>/tmp/                    staging, checkpoints; never visible as a result
 //! ```
 //!
 //! Publishing is crash-safe: write under `tmp/`, fsync, rename into place, fsync the directory,
 //! and the manifest goes last, so a manifest never names an object that is not fully there.
+//! Between an object's publication and its manifest the object is referenced by nothing, so
+//! `gc` must not run then: builds hold `store.lock` shared for their whole run, and `gc` takes
+//! it exclusively (as Bazel's disk cache does). Every filesystem error names its path.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
+use fs_err as fs;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -64,6 +69,11 @@ pub struct Store {
 
 /// Holds one key's advisory lock until dropped.
 pub struct KeyLock {
+    _file: File,
+}
+
+/// Holds the store-wide lock (shared for builds, exclusive for `gc`) until dropped.
+pub struct StoreLock {
     _file: File,
 }
 
@@ -238,7 +248,7 @@ impl Store {
     /// Returns whether we had to wait (then the other process has probably built it).
     pub fn lock(&self, key: &str) -> Result<(KeyLock, bool)> {
         let path = self.root.join("locks").join(format!("{key}.lock"));
-        let file = fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
@@ -246,37 +256,87 @@ impl Store {
             .with_context(|| format!("opening lock {}", path.display()))?;
         let waited = match file.try_lock() {
             Ok(()) => false,
-            Err(fs::TryLockError::WouldBlock) => {
+            Err(std::fs::TryLockError::WouldBlock) => {
                 file.lock()
                     .with_context(|| format!("locking {}", path.display()))?;
                 true
             }
-            Err(fs::TryLockError::Error(e)) => {
+            Err(std::fs::TryLockError::Error(e)) => {
                 return Err(e).with_context(|| format!("locking {}", path.display()))
             }
         };
         Ok((KeyLock { _file: file }, waited))
     }
 
-    /// Removes scratch left by dead processes: staging directories whose key lock is free.
+    fn store_lock_file(&self) -> Result<File> {
+        let path = self.root.join("store.lock");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening lock {}", path.display()))
+    }
+
+    /// Marks the store as in use by a build (many at once); waits while `gc` runs.
+    pub fn lock_shared(&self) -> Result<StoreLock> {
+        let file = self.store_lock_file()?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!("waiting for `gc` to finish with {}", self.root.display());
+                file.lock_shared()
+                    .with_context(|| format!("locking {}/store.lock", self.root.display()))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e)
+                    .with_context(|| format!("locking {}/store.lock", self.root.display()))
+            }
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Takes the store alone (for `gc`): waits until no build uses it.
+    pub fn lock_exclusive(&self) -> Result<StoreLock> {
+        let file = self.store_lock_file()?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(
+                    "waiting for the builds using {} to finish",
+                    self.root.display()
+                );
+                file.lock()
+                    .with_context(|| format!("locking {}/store.lock", self.root.display()))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e)
+                    .with_context(|| format!("locking {}/store.lock", self.root.display()))
+            }
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Removes scratch whose process is gone: staging directories and half-written files under
+    /// `tmp/` are named `<what>-[<key>-]<pid>-<n>`; an entry of a live process stays, and so do
+    /// checkpoints (a later build of their key resumes from them). Call it holding
+    /// [`Store::lock_exclusive`].
     pub fn clean_tmp(&self) -> Result<usize> {
         let mut removed = 0;
         for name in list_names(&self.root.join("tmp"))? {
-            let Some(rest) = name.strip_prefix("stage-") else {
-                if name != "checkpoints" {
-                    let _ = fs::remove_file(self.root.join("tmp").join(&name));
-                }
+            if name == "checkpoints" {
                 continue;
-            };
-            let key = rest.split('-').next().unwrap_or_default();
-            let path = self.root.join("locks").join(format!("{key}.lock"));
-            let free = File::open(&path)
-                .map(|f| f.try_lock().is_ok())
-                .unwrap_or(true);
-            if free {
-                fs::remove_dir_all(self.root.join("tmp").join(&name))?;
-                removed += 1;
             }
+            if owner_pid(&name).is_some_and(process_is_alive) {
+                continue;
+            }
+            let path = self.root.join("tmp").join(&name);
+            if path.is_dir() {
+                fs::remove_dir_all(&path)?;
+            } else {
+                fs::remove_file(&path)?;
+            }
+            removed += 1;
         }
         Ok(removed)
     }
@@ -287,6 +347,20 @@ impl Store {
             .join("tmp")
             .join(format!("{what}-{}-{n}", std::process::id()))
     }
+}
+
+/// The process that made a `tmp/` entry, from its name `<what>-[<key>-]<pid>-<n>`.
+fn owner_pid(name: &str) -> Option<u32> {
+    let mut parts = name.rsplit('-');
+    let _n = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+/// Whether process `pid` exists. Where `/proc` is missing every process counts as alive, so
+/// nothing is deleted that might be in use.
+fn process_is_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
 }
 
 /// Hex SHA-256 of a byte slice.

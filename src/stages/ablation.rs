@@ -17,65 +17,92 @@
 //! Checkpoints: each cell's trainer after every epoch, and the finished rows, so a killed run
 //! resumes where it stopped.
 //!
-//! Modules: data, nn, report/figures, training
+//! Params: the `train` stage's ([`TrainParams`], `objective = "ice"`: the base every iCE cell
+//! overrides), `grid_*` ([`GridParams`]) and `probe_*` ([`ProbeParams`]).
+//!
+//! Modules: data, nn, outputs, report/figures, training
 
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
 
 use crate::data::Arrays;
-use crate::engine::{Finished, Param, StageContext, StageKind};
+use crate::engine::{
+    at_least, deserialize_params, non_negative, split_prefixed, Finished, ParamError, Params,
+    StageContext, StageKind, StageParams, TypedParams,
+};
 use crate::nn::ice::{AdversaryVariant, IceSettings};
 use crate::nn::model::Model;
 use crate::nn::nuisance::{latent_views, readout_raw, train_probe, Features, ProbeSettings};
 use crate::nn::train::{TrainSettings, Trainer};
 use crate::nn::{device, rng_for, Dev};
+use crate::outputs::{json_bytes, AblationResult, AblationRow as Row};
 use crate::report::figures::{scatter_plot, Series};
-use crate::training::{model_config, train_settings, usize_param};
+use crate::training::{Objective, ProbeParams, TrainParams};
 
 pub struct Ablation;
 
-/// One cell of the grid at one epoch.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Row {
-    objective: String,
-    adversary: Option<AdversaryVariant>,
-    w_adv: Option<f32>,
-    inner_steps: Option<usize>,
-    epoch: usize,
-    logit_test_error: f64,
-    logit_train_error: f64,
-    /// The jointly trained adversary's test error on z_n (iCE only).
-    adversary_test_error: Option<f64>,
-    probe_test_error: f64,
-    probe_train_error: f64,
-    probe_bound_bits: f64,
+/// The sweep: every combination of the first three lists is one iCE cell (plus one CE cell),
+/// each scored after every epoch in `epochs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridParams {
+    adversary: Vec<AdversaryVariant>,
+    w_adv: Vec<f64>,
+    inner_steps: Vec<usize>,
+    epochs: Vec<usize>,
 }
 
-fn list(ctx: &StageContext, name: &str) -> Result<Vec<Param>> {
-    match ctx.params().get(name) {
-        Some(Param::List(items)) if !items.is_empty() => Ok(items.clone()),
-        _ => bail!("param {}.{name} must be a non-empty list", ctx.name()),
+impl TypedParams for GridParams {
+    fn check(&self) -> Result<(), ParamError> {
+        for (name, len) in [
+            ("adversary", self.adversary.len()),
+            ("w_adv", self.w_adv.len()),
+            ("inner_steps", self.inner_steps.len()),
+            ("epochs", self.epochs.len()),
+        ] {
+            if len == 0 {
+                return Err(ParamError::new(name, "must be a non-empty list"));
+            }
+        }
+        for (i, &w) in self.w_adv.iter().enumerate() {
+            non_negative(&format!("w_adv[{i}]"), w)?;
+        }
+        for (i, &k) in self.inner_steps.iter().enumerate() {
+            at_least(&format!("inner_steps[{i}]"), k, 1)?;
+        }
+        for (i, &e) in self.epochs.iter().enumerate() {
+            at_least(&format!("epochs[{i}]"), e, 1)?;
+        }
+        Ok(())
     }
 }
 
-fn variant(ctx: &StageContext, p: &Param) -> Result<AdversaryVariant> {
-    Ok(match p {
-        Param::Str(s) if s == "paper" => AdversaryVariant::Paper,
-        Param::Str(s) if s == "confusion" => AdversaryVariant::Confusion,
-        Param::Str(s) if s == "code" => AdversaryVariant::Code,
-        other => bail!(
-            "param {}.grid_adversary: {other} is not paper, confusion or code",
-            ctx.name()
-        ),
-    })
+#[derive(Debug)]
+pub struct AblationParams {
+    base: TrainParams,
+    grid: GridParams,
+    probe: ProbeParams,
 }
 
-fn number(ctx: &StageContext, name: &str, p: &Param) -> Result<f64> {
-    match p {
-        Param::Float(v) => Ok(*v),
-        Param::Int(v) => Ok(*v as f64),
-        other => bail!("param {}.{name}: {other} is not a number", ctx.name()),
+impl StageParams for AblationParams {
+    fn from_params(params: &Params) -> Result<Self, ParamError> {
+        let prefixed = |prefix: &'static str| {
+            move |e: ParamError| ParamError::new(format!("{prefix}{}", e.param), e.message)
+        };
+        let (grid, rest) = split_prefixed(params, "grid_");
+        let (probe, base) = split_prefixed(&rest, "probe_");
+        let base = TrainParams::from_params(&base)?;
+        if base.objective != Objective::Ice {
+            return Err(ParamError::new(
+                "objective",
+                "must be \"ice\": the base every iCE cell of the sweep overrides",
+            ));
+        }
+        let grid: GridParams = deserialize_params(&grid).map_err(prefixed("grid_"))?;
+        grid.check().map_err(prefixed("grid_"))?;
+        let probe: ProbeParams = deserialize_params(&probe).map_err(prefixed("probe_"))?;
+        probe.check().map_err(prefixed("probe_"))?;
+        Ok(AblationParams { base, grid, probe })
     }
 }
 
@@ -115,6 +142,8 @@ fn probe_nuisance(
 }
 
 impl StageKind for Ablation {
+    type Params = AblationParams;
+
     fn kind(&self) -> &str {
         "ablation"
     }
@@ -123,68 +152,42 @@ impl StageKind for Ablation {
         super::code_fingerprint("ablation")
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &AblationParams) -> Result<Finished> {
         let dev = device();
         let data = Arrays::read(|name| ctx.input_named(name))?;
-        let config = model_config(ctx)?;
-        let base = train_settings(ctx, ctx.seed())?;
-        let Some(base_ice) = base.ice.clone() else {
-            bail!(
-                "param {}.objective must be \"ice\" (the base every iCE cell overrides)",
-                ctx.name()
-            );
-        };
-        let mut epochs: Vec<usize> = list(ctx, "grid_epochs")?
-            .iter()
-            .map(|p| number(ctx, "grid_epochs", p).map(|v| v.max(1.0) as usize))
-            .collect::<Result<_>>()?;
+        let config = params.base.model_config(ctx.seed());
+        let base = params.base.train_settings(ctx.seed());
+        let base_ice = params.base.ice_settings();
+        let mut epochs = params.grid.epochs.clone();
         epochs.sort_unstable();
         epochs.dedup();
         let last_epoch = *epochs.last().expect("non-empty list");
 
         // The cells: CE first, then iCE over the grid.
         let mut cells: Vec<Option<IceSettings>> = vec![None];
-        for v in list(ctx, "grid_adversary")? {
-            for w in list(ctx, "grid_w_adv")? {
-                for k in list(ctx, "grid_inner_steps")? {
+        for &variant in &params.grid.adversary {
+            for &w_adv in &params.grid.w_adv {
+                for &inner_steps in &params.grid.inner_steps {
                     cells.push(Some(IceSettings {
-                        variant: variant(ctx, &v)?,
-                        w_adv: number(ctx, "grid_w_adv", &w)? as f32,
-                        inner_steps: number(ctx, "grid_inner_steps", &k)? as usize,
+                        variant,
+                        w_adv: w_adv as f32,
+                        inner_steps,
                         ..base_ice.clone()
                     }));
                 }
             }
         }
 
-        let probe_settings = ProbeSettings {
-            width: usize_param(ctx, "probe_width")?,
-            layers: usize_param(ctx, "probe_layers")?.max(1),
-            dropout: ctx.param_float("probe_dropout")? as f32,
-            epochs: usize_param(ctx, "probe_epochs")?.max(1),
-            batch_size: usize_param(ctx, "probe_batch_size")?.max(1),
-            lr: ctx.param_float("probe_lr")? as f32,
-            seed: ctx.seed(),
-        };
-        let limit = |n: usize, l: usize| if l == 0 { n } else { n.min(l) };
-        let n_probe = limit(
-            data.train_labels.len(),
-            usize_param(ctx, "probe_train_limit")?,
-        );
-        let n_validation = usize_param(ctx, "probe_validation")?;
-        if n_validation == 0 || n_validation >= n_probe {
-            bail!(
-                "param {}.probe_validation = {n_validation} must be between 1 and probe_train_limit ({n_probe})",
-                ctx.name()
-            );
-        }
+        let probe_settings = params.probe.settings(ctx.seed());
+        let n_probe = params.probe.n_train(data.train_labels.len())?;
+        let n_validation = params.probe.validation;
         let mut order: Vec<usize> = (0..n_probe).collect();
         rand::seq::SliceRandom::shuffle(
             &mut order[..],
             &mut rng_for(ctx.seed(), "probe-validation"),
         );
         let (validation, fit) = order.split_at(n_validation);
-        let n_test = limit(data.test_labels.len(), base.test_limit);
+        let n_test = params.base.test_limit.of(data.test_labels.len());
 
         let mut rows: Vec<Row> = match ctx.checkpoint_load("rows")? {
             Some(bytes) => serde_json::from_slice(&bytes)?,
@@ -299,17 +302,17 @@ impl StageKind for Ablation {
             )
             .as_bytes(),
         )?;
-        let result = json!({
-            "model": config,
-            "base": base,
-            "grid_epochs": epochs,
-            "probe": probe_settings,
-            "n_probe_fit": fit.len(),
-            "n_probe_validation": validation.len(),
-            "n_test": n_test,
-            "rows": rows,
-        });
-        ctx.write_output("ablation.json", &serde_json::to_vec_pretty(&result)?)?;
+        let result = AblationResult {
+            model: config,
+            base,
+            grid_epochs: epochs,
+            probe: probe_settings,
+            n_probe_fit: fit.len(),
+            n_probe_validation: validation.len(),
+            n_test,
+            rows,
+        };
+        ctx.write_output("ablation.json", &json_bytes(&result)?)?;
         Ok(Finished::Done)
     }
 }

@@ -9,21 +9,35 @@
 //! test error in %; the ensemble averages softmax probabilities).
 //! Expected: ensemble test error at or below the best member's (≈ 1 % on `cpu`).
 //!
-//! Modules: data, nn
+//! Params: `test_limit` (0 = all).
+//!
+//! Modules: data, nn, outputs
 
 use anyhow::{ensure, Result};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::data::Arrays;
-use crate::engine::{Finished, StageContext, StageKind};
+use crate::engine::{Finished, Limit, StageContext, StageKind, TypedParams};
 use crate::nn::device;
 use crate::nn::model::{ensemble_predict, Model};
 use crate::nn::train::{error_rate, input_for};
+use crate::outputs::{json_bytes, EnsembleMember, EnsembleResult};
 use dfdx::prelude::Cache;
 
 pub struct Ensemble;
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleParams {
+    test_limit: Limit,
+}
+
+impl TypedParams for EnsembleParams {}
+
 impl StageKind for Ensemble {
+    type Params = EnsembleParams;
+
     fn kind(&self) -> &str {
         "ensemble"
     }
@@ -32,15 +46,10 @@ impl StageKind for Ensemble {
         super::code_fingerprint("ensemble")
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &EnsembleParams) -> Result<Finished> {
         let dev = device();
         let data = Arrays::read(|name| ctx.input_named(name))?;
-        let limit = ctx.param_int("test_limit")?;
-        let n = if limit <= 0 {
-            data.test_labels.len()
-        } else {
-            data.test_labels.len().min(limit as usize)
-        };
+        let n = params.test_limit.of(data.test_labels.len());
         let stages: Vec<String> = ctx
             .input_stages()
             .into_iter()
@@ -59,7 +68,10 @@ impl StageKind for Ensemble {
             let model = Model::from_safetensors(&dev, &bytes)?;
             let error = error_rate(&dev, &model, &data.test_images, &data.test_labels, n, 500);
             ctx.log(format!("member {i} ({stage}): test error {error:.2} %"));
-            member_rows.push(json!({ "stage": stage, "test_error": error }));
+            member_rows.push(EnsembleMember {
+                stage: stage.clone(),
+                test_error: error,
+            });
             ctx.write_output(&format!("member{i}.safetensors"), &bytes)?;
             members.push(model);
         }
@@ -82,8 +94,12 @@ impl StageKind for Ensemble {
             members.len()
         ));
         ctx.set_metric("test_error", json!(ensemble_error));
-        let result = json!({ "members": member_rows, "test_error": ensemble_error, "n_test": n });
-        ctx.write_output("ensemble.json", &serde_json::to_vec_pretty(&result)?)?;
+        let result = EnsembleResult {
+            members: member_rows,
+            test_error: ensemble_error,
+            n_test: n,
+        };
+        ctx.write_output("ensemble.json", &json_bytes(&result)?)?;
         Ok(Finished::Done)
     }
 }

@@ -6,25 +6,39 @@
 //! (paper-notes § 3: measurement (a); the fresh probe is the `probe` stage).
 //! Inputs: `weights.safetensors` (any model: it is rebuilt from the file alone), the four
 //! MNIST arrays, and optionally `adversary.safetensors` (iCE's nuisance classifier).
-//! Outputs: `evaluation.json` {model, parameters, train_error, test_error, n_train, n_test,
-//! and with an adversary `adversary: {train, test}` readouts: error %, cross-entropy and
-//! the bound H(y) − CE on I(y; z_n) in bits} (errors in %).
+//! Outputs: `evaluation.json` ([`Evaluation`]: model, parameters, train_error, test_error,
+//! n_train, n_test, and with an adversary `adversary: {train, test}` readouts: error %,
+//! cross-entropy and the bound H(y) − CE on I(y; z_n) in bits) (errors in %).
+//! Params: `train_limit`, `test_limit` (0 = all).
 //!
-//! Modules: data, nn
+//! Modules: data, nn, outputs
 
 use anyhow::Result;
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::data::Arrays;
-use crate::engine::{Finished, StageContext, StageKind};
+use crate::engine::{Finished, Limit, StageContext, StageKind, TypedParams};
 use crate::nn::model::Model;
 use crate::nn::nuisance::{latent_views, readout_raw, Mlp};
 use crate::nn::train::error_rate;
 use crate::nn::{device, HasParams};
+use crate::outputs::{json_bytes, AdversaryReadouts, Evaluation};
 
 pub struct Evaluate;
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateParams {
+    train_limit: Limit,
+    test_limit: Limit,
+}
+
+impl TypedParams for EvaluateParams {}
+
 impl StageKind for Evaluate {
+    type Params = EvaluateParams;
+
     fn kind(&self) -> &str {
         "evaluate"
     }
@@ -33,13 +47,12 @@ impl StageKind for Evaluate {
         super::code_fingerprint("evaluate")
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &EvaluateParams) -> Result<Finished> {
         let dev = device();
         let model = Model::from_safetensors(&dev, &ctx.input_named("weights.safetensors")?)?;
         let data = Arrays::read(|name| ctx.input_named(name))?;
-        let limit = |n: usize, l: i64| if l <= 0 { n } else { n.min(l as usize) };
-        let n_train = limit(data.train_labels.len(), ctx.param_int("train_limit")?);
-        let n_test = limit(data.test_labels.len(), ctx.param_int("test_limit")?);
+        let n_train = params.train_limit.of(data.train_labels.len());
+        let n_test = params.test_limit.of(data.test_labels.len());
         let test_error = error_rate(
             &dev,
             &model,
@@ -74,24 +87,24 @@ impl StageKind for Evaluate {
                     test.error, train.error, test.information_bound_bits
                 ));
                 ctx.set_metric("adversary_test_error", json!(test.error));
-                Some(json!({ "train": train, "test": test }))
+                Some(AdversaryReadouts { train, test })
             }
             (Some(_), Model::Cnn(_)) => {
                 anyhow::bail!("stage {}: an adversary input needs a fi-RevNet", ctx.name())
             }
             (None, _) => None,
         };
-        let result = json!({
-            "adversary": adversary,
-            "model": model.config(),
-            "parameters": model.param_count(),
-            "test_error": test_error,
-            "train_error": train_error,
-            "n_test": n_test,
-            "n_train": n_train,
-        });
+        let result = Evaluation {
+            model: model.config(),
+            parameters: model.param_count(),
+            test_error,
+            train_error,
+            n_test,
+            n_train,
+            adversary,
+        };
         ctx.set_metric("test_error", json!(test_error));
-        ctx.write_output("evaluation.json", &serde_json::to_vec_pretty(&result)?)?;
+        ctx.write_output("evaluation.json", &json_bytes(&result)?)?;
         Ok(Finished::Done)
     }
 }

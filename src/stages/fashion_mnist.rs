@@ -8,16 +8,29 @@
 //!
 //! Modules: data
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::data::idx;
-use crate::engine::{Finished, Param, Params, StageContext, StageKind};
+use serde::Deserialize;
+
+use crate::data::{idx, DataSource};
+use crate::engine::{Finished, StageContext, StageKind, TypedParams};
 
 pub struct FashionMnist;
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FashionMnistParams {
+    /// Where the IDX files are (plain or .gz).
+    dir: PathBuf,
+}
+
+impl TypedParams for FashionMnistParams {}
+
 impl StageKind for FashionMnist {
+    type Params = FashionMnistParams;
+
     fn kind(&self) -> &str {
         "fashion_mnist"
     }
@@ -26,19 +39,16 @@ impl StageKind for FashionMnist {
         super::code_fingerprint("fashion_mnist")
     }
 
-    fn external_files(&self, params: &Params) -> Result<Vec<PathBuf>> {
-        let Some(Param::Str(dir)) = params.get("dir") else {
-            return Ok(Vec::new());
-        };
-        let dir = Path::new(dir);
+    fn external_files(&self, params: &FashionMnistParams) -> Result<Vec<PathBuf>> {
+        let dir = params.dir.as_path();
         Ok(idx::FILES
             .iter()
             .map(|stem| idx::find(dir, stem).unwrap_or_else(|| dir.join(stem)))
             .collect())
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
-        let dir = PathBuf::from(ctx.param_str("dir")?);
+    fn run(&self, ctx: &mut StageContext, params: &FashionMnistParams) -> Result<Finished> {
+        let dir = params.dir.clone();
         if idx::dataset_files(&dir).is_err() {
             return Ok(Finished::Skipped(format!(
                 "Fashion-MNIST is not installed in {}: install the Debian package (`apt-get install dataset-fashion-mnist`) \
@@ -48,7 +58,10 @@ impl StageKind for FashionMnist {
         }
         ctx.log(format!("reading IDX files from {}", dir.display()));
         let dataset = idx::read_dataset(&dir)?;
-        let source = serde_json::json!({ "kind": "idx", "dir": dir.display().to_string(), "package": "dataset-fashion-mnist (Debian)" });
+        let source = DataSource::Idx {
+            dir: dir.display().to_string(),
+            package: Some("dataset-fashion-mnist (Debian)".to_string()),
+        };
         for (file, bytes) in dataset.stage_files("Fashion-MNIST", source)? {
             ctx.write_output(file, &bytes)?;
         }

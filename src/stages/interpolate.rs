@@ -12,23 +12,56 @@
 //! first `grid_paths` paths: the `steps` decoded images, A's end on the left).
 //! Expected: CE paths change label often (the paper's Fig. 6), iCE paths rarely (Fig. 7).
 //!
-//! Modules: data, nn, oracle, report/figures
+//! Params: `paths` (≥ 1), `steps` (≥ 2: both ends), `grid_paths` (≤ paths).
+//!
+//! Modules: data, nn, oracle, outputs, report/figures
 
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::data::split_from_npy;
-use crate::engine::{Finished, StageContext, StageKind};
+use crate::engine::{at_least, Finished, ParamError, StageContext, StageKind, TypedParams};
 use crate::nn::input::{column_image, revnet_input, revnet_to_cnn};
 use crate::nn::model::{ensemble_predict, Model};
 use crate::nn::{device, T2};
 use crate::oracle::{oracle_members, pairs_with_different_labels};
+use crate::outputs::{json_bytes, InterpolationResult};
 use crate::report::figures::image_grid_png;
 
 pub struct Interpolate;
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterpolateParams {
+    paths: usize,
+    /// Points per path, both ends included.
+    steps: usize,
+    /// How many paths the strip figure shows.
+    grid_paths: usize,
+}
+
+impl TypedParams for InterpolateParams {
+    fn check(&self) -> Result<(), ParamError> {
+        at_least("paths", self.paths, 1)?;
+        at_least("steps", self.steps, 2)?;
+        if self.grid_paths > self.paths {
+            return Err(ParamError::new(
+                "grid_paths",
+                format!(
+                    "{} is out of range: at most paths ({})",
+                    self.grid_paths, self.paths
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl StageKind for Interpolate {
+    type Params = InterpolateParams;
+
     fn kind(&self) -> &str {
         "interpolate"
     }
@@ -37,7 +70,7 @@ impl StageKind for Interpolate {
         super::code_fingerprint("interpolate")
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &InterpolateParams) -> Result<Finished> {
         let dev = device();
         let Model::RevNet(model) =
             Model::from_safetensors(&dev, &ctx.input_named("weights.safetensors")?)?
@@ -54,9 +87,7 @@ impl StageKind for Interpolate {
         )?;
         let images: Vec<u8> = test.images.iter().copied().collect();
         let labels = test.labels.to_vec();
-        let paths = ctx.param_int("paths")?.max(1) as usize;
-        let steps = ctx.param_int("steps")?.max(2) as usize;
-        let grid_paths = (ctx.param_int("grid_paths")?.max(0) as usize).min(paths);
+        let (paths, steps, grid_paths) = (params.paths, params.steps, params.grid_paths);
 
         let (sources, nuisances) =
             pairs_with_different_labels(&labels, paths, ctx.seed(), "interpolation-pairs");
@@ -136,19 +167,19 @@ impl StageKind for Interpolate {
             100.0 * fraction(ends_as_b),
             100.0 * fraction(starts_as_a)
         ));
-        let result = json!({
-            "paths": paths,
-            "steps": steps,
-            "fraction_label_changes": fraction(changed),
-            "fraction_ends_as_nuisance_source": fraction(ends_as_b),
-            "fraction_starts_as_logit_source": fraction(starts_as_a),
-            "max_logit_drift": max_logit_drift,
-            "oracle_members": members.len(),
-            "logit_sources": sources,
-            "nuisance_sources": nuisances,
-            "oracle_labels": oracle,
-        });
-        ctx.write_output("interpolation.json", &serde_json::to_vec_pretty(&result)?)?;
+        let result = InterpolationResult {
+            paths,
+            steps,
+            fraction_label_changes: fraction(changed),
+            fraction_ends_as_nuisance_source: fraction(ends_as_b),
+            fraction_starts_as_logit_source: fraction(starts_as_a),
+            max_logit_drift,
+            oracle_members: members.len(),
+            logit_sources: sources,
+            nuisance_sources: nuisances,
+            oracle_labels: oracle,
+        };
+        ctx.write_output("interpolation.json", &json_bytes(&result)?)?;
         let rows: Vec<Vec<&[f32]>> = grid
             .iter()
             .map(|strip| strip.iter().map(Vec::as_slice).collect())

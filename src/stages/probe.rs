@@ -21,27 +21,57 @@
 //! error should be ≥ 10× the CE one if iCE empties z_n at this scale (issue 4 measured that
 //! an independent PyTorch run did *not* manage it: probe ≈ 3.3 %).
 //!
-//! Modules: data, nn, report/figures
+//! Params: the probe's ([`ProbeParams`]) and `test_limit` (0 = all).
+//!
+//! Modules: data, nn, outputs, report/figures, training
+
+use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
-use serde_json::{json, Value};
+use serde::Deserialize;
 
 use crate::data::Arrays;
-use crate::engine::{Finished, StageContext, StageKind};
+use crate::engine::{
+    deserialize_params, Finished, Limit, ParamError, Params, StageContext, StageKind, StageParams,
+    TypedParams,
+};
 use crate::nn::model::Model;
 use crate::nn::nuisance::{latent_views, train_probe, Features, Probe, ProbeSettings};
 use crate::nn::{device, rng_for, Dev};
+use crate::outputs::{json_bytes, parse_json, MetamerResult, ProbeResult, ProbeView};
 use crate::report::figures::{line_plot, Series};
+use crate::training::ProbeParams;
 
 pub struct ProbeStage;
 
-fn count(ctx: &StageContext, name: &str) -> Result<usize> {
-    let v = ctx.param_int(name)?;
-    if v < 0 {
-        bail!("param {}.{name} must not be negative", ctx.name());
+/// The probe's params and how many test examples it scores.
+#[derive(Debug)]
+pub struct ProbeStageParams {
+    probe: ProbeParams,
+    test_limit: Limit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestLimit {
+    test_limit: Limit,
+}
+
+impl StageParams for ProbeStageParams {
+    fn from_params(params: &Params) -> Result<Self, ParamError> {
+        let mut probe = params.clone();
+        let test_limit = probe.remove("test_limit");
+        let TestLimit { test_limit } = deserialize_params(
+            &test_limit
+                .map(|v| ("test_limit".to_string(), v))
+                .into_iter()
+                .collect(),
+        )?;
+        let probe: ProbeParams = deserialize_params(&probe)?;
+        probe.check()?;
+        Ok(ProbeStageParams { probe, test_limit })
     }
-    Ok(v as usize)
 }
 
 /// The examples `rows` of a feature table.
@@ -59,33 +89,22 @@ fn metamer_views(
     dev: &Dev,
     model: &crate::nn::flow::FiRevNet,
     data: &Arrays,
-    metamers: &Value,
+    metamers: &MetamerResult,
 ) -> Result<(Features, Features)> {
-    let indices = |key: &str| -> Result<Vec<usize>> {
-        metamers[key]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64().map(|v| v as usize))
-                    .collect()
-            })
-            .ok_or_else(|| anyhow::anyhow!("metamers.json: no `{key}` list"))
-    };
-    let (sources, nuisances) = (indices("logit_sources")?, indices("nuisance_sources")?);
-    let oracle: Vec<u8> = indices("oracle_labels")?.iter().map(|&l| l as u8).collect();
+    let (sources, nuisances) = (&metamers.logit_sources, &metamers.nuisance_sources);
+    let oracle = metamers.oracle_labels.clone();
     if sources.len() != nuisances.len() || sources.len() != oracle.len() {
         bail!("metamers.json: logit_sources, nuisance_sources and oracle_labels differ in length");
     }
     if let Some(&bad) = sources
         .iter()
-        .chain(&nuisances)
+        .chain(nuisances)
         .find(|&&i| i >= data.test_labels.len())
     {
         bail!("metamers.json: test index {bad} is out of range");
     }
-    let (logits_a, _) = latent_views(dev, model, &data.test_images, &data.test_labels, &sources);
-    let (_, nuisance_b) =
-        latent_views(dev, model, &data.test_images, &data.test_labels, &nuisances);
+    let (logits_a, _) = latent_views(dev, model, &data.test_images, &data.test_labels, sources);
+    let (_, nuisance_b) = latent_views(dev, model, &data.test_images, &data.test_labels, nuisances);
     let relabel = |mut f: Features| {
         f.labels = oracle.clone();
         f
@@ -101,7 +120,7 @@ fn probe_view(
     sets: [&Features; 3],
     metamers: Option<&Features>,
     settings: &ProbeSettings,
-) -> Result<(Probe, Value)> {
+) -> Result<(Probe, ProbeView)> {
     let [train, validation, test] = sets;
     let bar = ctx.progress(settings.epochs as u64, &format!("probe on {view}"));
     let probe = train_probe(dev, train, validation, 10, settings, &|done, _| {
@@ -124,19 +143,21 @@ fn probe_view(
         probe.best_epoch,
         settings.epochs
     ));
-    let value = json!({
-        "dims": train.dims,
-        "train": train_r,
-        "validation": validation_r,
-        "test": test_r,
-        "metamers": metamer_r,
-        "best_epoch": probe.best_epoch,
-        "history": probe.history,
-    });
-    Ok((probe, value))
+    let view = ProbeView {
+        dims: train.dims,
+        train: train_r,
+        validation: validation_r,
+        test: test_r,
+        metamers: metamer_r,
+        best_epoch: probe.best_epoch,
+        history: probe.history.clone(),
+    };
+    Ok((probe, view))
 }
 
 impl StageKind for ProbeStage {
+    type Params = ProbeStageParams;
+
     fn kind(&self) -> &str {
         "probe"
     }
@@ -145,7 +166,7 @@ impl StageKind for ProbeStage {
         super::code_fingerprint("probe")
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
+    fn run(&self, ctx: &mut StageContext, params: &ProbeStageParams) -> Result<Finished> {
         let dev = device();
         let Model::RevNet(model) =
             Model::from_safetensors(&dev, &ctx.input_named("weights.safetensors")?)?
@@ -156,25 +177,10 @@ impl StageKind for ProbeStage {
             );
         };
         let data = Arrays::read(|name| ctx.input_named(name))?;
-        let limit = |n: usize, l: usize| if l == 0 { n } else { n.min(l) };
-        let n_train = limit(data.train_labels.len(), count(ctx, "train_limit")?);
-        let n_test = limit(data.test_labels.len(), count(ctx, "test_limit")?);
-        let n_validation = count(ctx, "validation")?;
-        if n_validation == 0 || n_validation >= n_train {
-            bail!(
-                "param {}.validation = {n_validation} must be between 1 and the {n_train} training examples",
-                ctx.name()
-            );
-        }
-        let settings = ProbeSettings {
-            width: count(ctx, "width")?,
-            layers: count(ctx, "layers")?.max(1),
-            dropout: ctx.param_float("dropout")? as f32,
-            epochs: count(ctx, "epochs")?.max(1),
-            batch_size: count(ctx, "batch_size")?.max(1),
-            lr: ctx.param_float("lr")? as f32,
-            seed: ctx.seed(),
-        };
+        let n_train = params.probe.n_train(data.train_labels.len())?;
+        let n_test = params.test_limit.of(data.test_labels.len());
+        let n_validation = params.probe.validation;
+        let settings = params.probe.settings(ctx.seed());
 
         let start = std::time::Instant::now();
         let train_indices: Vec<usize> = (0..n_train).collect();
@@ -195,8 +201,8 @@ impl StageKind for ProbeStage {
         );
         let metamers = match ctx.optional_input_named("metamers.json")? {
             Some(bytes) => {
-                let json: Value = serde_json::from_slice(&bytes)?;
-                Some(metamer_views(&dev, &model, &data, &json)?)
+                let result: MetamerResult = parse_json(&bytes, "metamers.json")?;
+                Some(metamer_views(&dev, &model, &data, &result)?)
             }
             None => None,
         };
@@ -208,7 +214,7 @@ impl StageKind for ProbeStage {
         let mut order = train_indices.clone();
         order.shuffle(&mut rng_for(settings.seed, "probe-validation"));
         let (validation_rows, fit_rows) = order.split_at(n_validation);
-        let mut views = serde_json::Map::new();
+        let mut views = BTreeMap::new();
         let mut curves = Vec::new();
         for (view, train_all, test, metamer) in [
             ("z_n", &train_n, &test_n, metamers.as_ref().map(|m| &m.1)),
@@ -218,7 +224,7 @@ impl StageKind for ProbeStage {
                 subset(train_all, fit_rows),
                 subset(train_all, validation_rows),
             );
-            let (probe, value) = probe_view(
+            let (probe, view_result) = probe_view(
                 ctx,
                 &dev,
                 view,
@@ -236,19 +242,19 @@ impl StageKind for ProbeStage {
             });
             ctx.set_metric(
                 &format!("{view}_test_error"),
-                value["test"]["error"].clone(),
+                serde_json::json!(view_result.test.error),
             );
-            views.insert(view.to_string(), value);
+            views.insert(view.to_string(), view_result);
         }
-        let result = json!({
-            "settings": settings,
-            "n_fit": fit_rows.len(),
-            "n_validation": n_validation,
-            "n_test": n_test,
-            "metamers": metamers.as_ref().map(|m| m.0.len()),
-            "views": views,
-        });
-        ctx.write_output("probe.json", &serde_json::to_vec_pretty(&result)?)?;
+        let result = ProbeResult {
+            settings,
+            n_fit: fit_rows.len(),
+            n_validation,
+            n_test,
+            metamers: metamers.as_ref().map(|m| m.0.len()),
+            views,
+        };
+        ctx.write_output("probe.json", &json_bytes(&result)?)?;
         ctx.write_output(
             "curves.svg",
             line_plot(

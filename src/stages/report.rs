@@ -15,18 +15,39 @@
 //! verdict), `figures/*.svg`, `logs/<stage>.log` (all exported to artifacts/report/).
 //! Deterministic: no clocks, no paths of this machine; the same inputs give the same bytes.
 //!
-//! Modules: report
+//! Every upstream JSON is read through its contract (`crate::outputs`,
+//! `crate::data::DatasetSummary`): a file that lacks a field fails the report naming the file
+//! and the field. The report prints "—" only for what does not apply (a CE model has no
+//! adversary), and says "not run" with the reason for what did not run.
+//! Params: `profile` (the profile this report describes).
+//!
+//! Modules: data, nn, outputs, report
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{Finished, Manifest, StageContext, StageKind};
+use crate::data::DatasetSummary;
+use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
+use crate::outputs::{
+    read_json, AblationResult, EnsembleResult, Evaluation, InterpolationResult, MetamerResult,
+    ProbeResult, TrainMetrics,
+};
 use crate::report::figures::{bar_chart, BarGroup};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
 
 pub struct Report;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportParams {
+    /// The profile this report describes (every profile file sets it to its own name).
+    profile: String,
+}
+
+impl TypedParams for ReportParams {}
 
 /// Two decimals for percentages and the like; scientific notation for tiny numbers (float
 /// errors), so that 4.8e-7 does not print as 0.00.
@@ -77,6 +98,11 @@ fn flatten_numbers(prefix: &str, value: &Value, out: &mut BTreeMap<String, f64>)
     }
 }
 
+/// A contract struct as the JSON tree the templates and the claims' rules read.
+fn tree<T: serde::Serialize>(value: &T) -> Result<Value> {
+    Ok(serde_json::to_value(value)?)
+}
+
 /// The iCE settings of every iCE training run (the report says which variant each number
 /// used).
 fn ice_protocol(trainings: &[Value]) -> Vec<Value> {
@@ -89,30 +115,40 @@ fn ice_protocol(trainings: &[Value]) -> Vec<Value> {
 
 /// Fig. 5 from the probes: bounds on I(y; z_s) and I(y; z_n) per model, on clean test data
 /// and on metamers, as a bar chart and a table.
-fn information(ctx: &mut StageContext, probes: &[(String, Value)]) -> Result<Value> {
+fn information(ctx: &mut StageContext, probes: &[(String, ProbeResult)]) -> Result<Value> {
     let mut groups = Vec::new();
     let mut rows = Vec::new();
     let mut entropy = None;
     for (stage, probe) in probes {
-        for (set, label) in [("test", "clean test"), ("metamers", "metamers")] {
-            let bound = |view: &str| probe["views"][view][set]["information_bound_bits"].as_f64();
-            let (Some(s), Some(n)) = (bound("z_s"), bound("z_n")) else {
+        let view = |name: &str| {
+            probe
+                .views
+                .get(name)
+                .with_context(|| format!("probe.json of stage {stage} has no view {name}"))
+        };
+        let (z_s, z_n) = (view("z_s")?, view("z_n")?);
+        for (label, readouts) in [
+            ("clean test", Some((&z_s.test, &z_n.test))),
+            ("metamers", z_s.metamers.as_ref().zip(z_n.metamers.as_ref())),
+        ] {
+            // Metamer readouts exist only when the probe had a metamers input.
+            let Some((s, n)) = readouts else {
                 continue;
             };
-            let h = probe["views"]["z_n"][set]["label_entropy_bits"].as_f64();
-            if set == "test" {
-                entropy = entropy.or(h);
+            let h = n.label_entropy_bits;
+            if label == "clean test" {
+                entropy = entropy.or(Some(h));
             }
             groups.push(BarGroup {
                 label: format!("{stage}: {label}"),
-                values: vec![s, n],
+                values: vec![s.information_bound_bits, n.information_bound_bits],
             });
             rows.push(json!({
                 "stage": stage, "set": label,
-                "z_s": format!("{s:.3}"), "z_n": format!("{n:.3}"),
-                "entropy": h.map_or("—".to_string(), |h| format!("{h:.3}")),
-                "z_s_error": probe["views"]["z_s"][set]["error"].as_f64().map_or("—".to_string(), |v| format!("{v:.2}")),
-                "z_n_error": probe["views"]["z_n"][set]["error"].as_f64().map_or("—".to_string(), |v| format!("{v:.2}")),
+                "z_s": format!("{:.3}", s.information_bound_bits), "z_n": format!("{:.3}", n.information_bound_bits),
+                "entropy": format!("{h:.3}"),
+                "z_s_error": format!("{:.2}", s.error),
+                "z_n_error": format!("{:.2}", n.error),
             }));
         }
     }
@@ -131,12 +167,6 @@ fn information(ctx: &mut StageContext, probes: &[(String, Value)]) -> Result<Val
         link
     };
     Ok(json!({ "figure": figure, "rows": rows }))
-}
-
-/// An upstream JSON output.
-fn read_json(ctx: &StageContext, stage: &str, file: &str) -> Result<Value> {
-    serde_json::from_slice(&ctx.input(stage, file)?)
-        .with_context(|| format!("{file} of stage {stage}"))
 }
 
 /// Copies an upstream figure into the report as `figures/<stage>_<file>`; returns its link, or
@@ -163,8 +193,7 @@ fn dataset_entry(ctx: &StageContext, stage: &str) -> Result<Value> {
     let Some(manifest) = ctx.upstream_manifest(stage) else {
         return Ok(json!({ "stage": stage, "available": false }));
     };
-    let summary: Value = serde_json::from_slice(&ctx.input(stage, "summary.json")?)
-        .with_context(|| format!("summary.json of stage {stage} is not JSON"))?;
+    let summary: DatasetSummary = read_json(ctx, stage, "summary.json")?;
     let files: Vec<Value> = manifest
         .outputs
         .iter()
@@ -174,16 +203,18 @@ fn dataset_entry(ctx: &StageContext, stage: &str) -> Result<Value> {
     Ok(json!({
         "stage": stage,
         "available": true,
-        "name": summary["name"],
-        "train": summary["train"],
-        "test": summary["test"],
-        "source": summary["source"],
+        "name": summary.name,
+        "train": summary.train,
+        "test": summary.test,
+        "source": summary.source,
         "files": files,
         "provenance": provenance(manifest),
     }))
 }
 
 impl StageKind for Report {
+    type Params = ReportParams;
+
     fn kind(&self) -> &str {
         "report"
     }
@@ -196,8 +227,8 @@ impl StageKind for Report {
         true
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
-        let profile = ctx.param_str("profile")?.to_string();
+    fn run(&self, ctx: &mut StageContext, params: &ReportParams) -> Result<Finished> {
+        let profile = params.profile.clone();
         let claims = read_claims(&ctx.repo_path("paper/claims.toml"))?;
         let tables = read_tables(&ctx.repo_path("paper/tables.toml"))?;
         let upstream: Vec<String> = ctx.input_stages().into_iter().map(String::from).collect();
@@ -207,7 +238,7 @@ impl StageKind for Report {
         let mut datasets = Vec::new();
         let mut trainings = Vec::new();
         let mut metamer_sets = Vec::new();
-        let mut probes: Vec<(String, Value)> = Vec::new();
+        let mut probes: Vec<(String, ProbeResult)> = Vec::new();
         let mut interpolations = Vec::new();
         let mut ablations = Vec::new();
         for stage in &upstream {
@@ -220,90 +251,80 @@ impl StageKind for Report {
                 datasets.push(dataset_entry(ctx, stage)?);
             }
             let has = |name: &str| names.iter().any(|n| n == name);
-            for file in [
-                "evaluation.json",
-                "ensemble.json",
-                "metamers.json",
-                "probe.json",
-                "interpolation.json",
-            ] {
-                if has(file) {
-                    flatten_numbers(stage, &read_json(ctx, stage, file)?, &mut metrics);
-                }
+            if has("evaluation.json") {
+                let evaluation: Evaluation = read_json(ctx, stage, "evaluation.json")?;
+                flatten_numbers(stage, &tree(&evaluation)?, &mut metrics);
+            }
+            if has("ensemble.json") {
+                let ensemble: EnsembleResult = read_json(ctx, stage, "ensemble.json")?;
+                flatten_numbers(stage, &tree(&ensemble)?, &mut metrics);
             }
             if has("ablation.json") {
-                let value = read_json(ctx, stage, "ablation.json")?;
-                let fmt = |v: &Value| v.as_f64().map_or("—".to_string(), |v| format!("{v:.2}"));
-                let rows: Vec<Value> = value["rows"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+                let ablation: AblationResult = read_json(ctx, stage, "ablation.json")?;
+                // "—": what a CE cell does not have (an adversary and its settings).
+                let na = || "—".to_string();
+                let rows: Vec<Value> = ablation
+                    .rows
+                    .iter()
                     .map(|r| {
                         json!({
-                            "objective": r["objective"], "adversary": r["adversary"].as_str().unwrap_or("—"),
+                            "objective": r.objective,
+                            "adversary": r.adversary.map_or_else(na, |a| tree(&a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
                             // Stored as f32: print the f32 (0.1, not 0.10000000149011612).
-                            "w_adv": r["w_adv"].as_f64().map_or("—".to_string(), |v| format!("{}", v as f32)),
-                            "inner_steps": r["inner_steps"].as_u64().map_or("—".to_string(), |v| v.to_string()),
-                            "epoch": r["epoch"], "logit_test_error": fmt(&r["logit_test_error"]),
-                            "adversary_test_error": fmt(&r["adversary_test_error"]),
-                            "probe_test_error": fmt(&r["probe_test_error"]),
-                            "probe_train_error": fmt(&r["probe_train_error"]),
-                            "probe_bound_bits": r["probe_bound_bits"].as_f64().map_or("—".to_string(), |v| format!("{v:.3}")),
+                            "w_adv": r.w_adv.map_or_else(na, |v| v.to_string()),
+                            "inner_steps": r.inner_steps.map_or_else(na, |v| v.to_string()),
+                            "epoch": r.epoch, "logit_test_error": format!("{:.2}", r.logit_test_error),
+                            "adversary_test_error": r.adversary_test_error.map_or_else(na, |v| format!("{v:.2}")),
+                            "probe_test_error": format!("{:.2}", r.probe_test_error),
+                            "probe_train_error": format!("{:.2}", r.probe_train_error),
+                            "probe_bound_bits": format!("{:.3}", r.probe_bound_bits),
                         })
                     })
                     .collect();
                 ablations.push(json!({
                     "stage": stage, "rows": rows, "figure": copy_figure(ctx, stage, "ablation.svg")?,
-                    "n_train": value["base"]["train_limit"], "n_test": value["n_test"],
-                    "n_probe_fit": value["n_probe_fit"], "provenance": upstream_provenance(ctx, stage),
+                    "n_train": ablation.base.train_limit, "n_test": ablation.n_test,
+                    "n_probe_fit": ablation.n_probe_fit, "provenance": upstream_provenance(ctx, stage),
                 }));
             }
             if has("probe.json") {
-                probes.push((stage.clone(), read_json(ctx, stage, "probe.json")?));
+                let probe: ProbeResult = read_json(ctx, stage, "probe.json")?;
+                flatten_numbers(stage, &tree(&probe)?, &mut metrics);
+                probes.push((stage.clone(), probe));
             }
             if has("interpolation.json") {
-                let value = read_json(ctx, stage, "interpolation.json")?;
-                let pct = |field: &str| {
-                    value[field]
-                        .as_f64()
-                        .map_or("—".to_string(), |v| format!("{:.1}", 100.0 * v))
-                };
+                let result: InterpolationResult = read_json(ctx, stage, "interpolation.json")?;
+                flatten_numbers(stage, &tree(&result)?, &mut metrics);
+                let pct = |v: f64| format!("{:.1}", 100.0 * v);
                 interpolations.push(json!({
-                    "stage": stage, "paths": value["paths"], "steps": value["steps"],
+                    "stage": stage, "paths": result.paths, "steps": result.steps,
                     "strips": copy_figure(ctx, stage, "strips.png")?,
-                    "changes": pct("fraction_label_changes"),
-                    "ends_as_b": pct("fraction_ends_as_nuisance_source"),
-                    "starts_as_a": pct("fraction_starts_as_logit_source"),
-                    "max_logit_drift": value["max_logit_drift"].as_f64().map_or("—".to_string(), |v| format!("{v:.2e}")),
+                    "changes": pct(result.fraction_label_changes),
+                    "ends_as_b": pct(result.fraction_ends_as_nuisance_source),
+                    "starts_as_a": pct(result.fraction_starts_as_logit_source),
+                    "max_logit_drift": format!("{:.2e}", result.max_logit_drift as f64),
                     "provenance": upstream_provenance(ctx, stage),
                 }));
             }
             if has("metamers.json") {
-                let value = read_json(ctx, stage, "metamers.json")?;
-                let pct = |field: &str| {
-                    value[field]
-                        .as_f64()
-                        .map_or("—".to_string(), |v| format!("{:.1}", 100.0 * v))
-                };
-                let sci = |field: &str| {
-                    value[field]
-                        .as_f64()
-                        .map_or("—".to_string(), |v| format!("{v:.2e}"))
-                };
+                let result: MetamerResult = read_json(ctx, stage, "metamers.json")?;
+                flatten_numbers(stage, &tree(&result)?, &mut metrics);
+                let pct = |v: f64| format!("{:.1}", 100.0 * v);
+                let sci = |v: f32| format!("{:.2e}", v as f64);
                 metamer_sets.push(json!({
-                    "stage": stage, "pairs": value["pairs"], "grid": copy_figure(ctx, stage, "triplets.png")?,
-                    "max_logit_diff": sci("max_logit_diff"), "reconstruction_data": sci("reconstruction_data"),
-                    "reconstruction_metamer": sci("reconstruction_metamer"),
-                    "like_logit_source": pct("oracle_agrees_with_logit_source"),
-                    "like_nuisance_source": pct("oracle_agrees_with_nuisance_source"),
+                    "stage": stage, "pairs": result.pairs, "grid": copy_figure(ctx, stage, "triplets.png")?,
+                    "max_logit_diff": sci(result.max_logit_diff), "reconstruction_data": sci(result.reconstruction_data),
+                    "reconstruction_metamer": sci(result.reconstruction_metamer),
+                    "like_logit_source": pct(result.oracle_agrees_with_logit_source),
+                    "like_nuisance_source": pct(result.oracle_agrees_with_nuisance_source),
                     "provenance": upstream_provenance(ctx, stage),
                 }));
             }
             if has("metrics.json") {
-                let value = read_json(ctx, stage, "metrics.json")?;
+                let m: TrainMetrics = read_json(ctx, stage, "metrics.json")?;
                 trainings.push(json!({
-                    "stage": stage, "model": value["model"], "objective": value["objective"], "settings": value["settings"],
-                    "parameters": value["parameters"], "history": value["history"],
+                    "stage": stage, "model": m.model, "objective": m.objective, "settings": m.settings,
+                    "parameters": m.parameters, "history": m.history,
                     "curve": copy_figure(ctx, stage, "curve.svg")?, "provenance": upstream_provenance(ctx, stage),
                 }));
             }

@@ -17,7 +17,9 @@
 //! Expected: `cpu` fi-RevNet ≥ 98.5 % test accuracy, CNN ≥ 99.0 % (issue 3 targets); iCE
 //! within 0.5 pt of CE (claim C2's `cpu` rule).
 //!
-//! Modules: data, nn, report/figures, training
+//! Params: [`TrainParams`] (checked when the pipeline loads).
+//!
+//! Modules: data, nn, outputs, report/figures, training
 
 use std::collections::HashMap;
 
@@ -28,8 +30,9 @@ use crate::data::Arrays;
 use crate::engine::{Finished, StageContext, StageKind};
 use crate::nn::train::Trainer;
 use crate::nn::{HasParams, DEVICE_NAME};
+use crate::outputs::{json_bytes, TrainMetrics};
 use crate::report::figures::{line_plot, Series};
-use crate::training::{model_config, train_settings, train_with_checkpoints};
+use crate::training::{train_with_checkpoints, Objective, TrainParams};
 
 pub struct Train;
 
@@ -55,6 +58,8 @@ fn curve(title: &str, trainer: &Trainer) -> String {
 }
 
 impl StageKind for Train {
+    type Params = TrainParams;
+
     fn kind(&self) -> &str {
         "train"
     }
@@ -63,11 +68,15 @@ impl StageKind for Train {
         super::code_fingerprint("train")
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<Finished> {
-        let objective = ctx.param_str("objective")?.to_string();
+    fn run(&self, ctx: &mut StageContext, params: &TrainParams) -> Result<Finished> {
+        let objective = match params.objective {
+            Objective::Ce => "ce",
+            Objective::Ice => "ice",
+        }
+        .to_string();
         let data = Arrays::read(|name| ctx.input_named(name))?;
-        let config = model_config(ctx)?;
-        let settings = train_settings(ctx, ctx.seed())?;
+        let config = params.model_config(ctx.seed());
+        let settings = params.train_settings(ctx.seed());
         let trainer = train_with_checkpoints(ctx, &config, settings.clone(), &data, "trainer")?;
         let description = HashMap::from([
             ("objective".to_string(), objective.clone()),
@@ -84,25 +93,27 @@ impl StageKind for Train {
                     .to_safetensors("iCE nuisance classifier (adversary) on z_n")?,
             )?;
         }
-        let last = trainer.history.last();
-        let metrics = json!({
-            "model": config,
-            "objective": objective,
-            "settings": settings,
-            "device": DEVICE_NAME,
-            "parameters": trainer.model.param_count(),
-            "history": trainer.history,
-            "final_test_error": last.map(|m| m.test_error),
-            "final_train_error": last.map(|m| m.train_error),
-        });
-        ctx.write_output("metrics.json", &serde_json::to_vec_pretty(&metrics)?)?;
+        let last = trainer
+            .history
+            .last()
+            .expect("epochs >= 1 is checked when the pipeline loads")
+            .clone();
+        let metrics = TrainMetrics {
+            model: config,
+            objective: objective.clone(),
+            settings,
+            device: DEVICE_NAME.to_string(),
+            parameters: trainer.model.param_count(),
+            history: trainer.history.clone(),
+            final_test_error: last.test_error,
+            final_train_error: last.train_error,
+        };
+        ctx.write_output("metrics.json", &json_bytes(&metrics)?)?;
         ctx.write_output(
             "curve.svg",
             curve(&format!("{} ({objective})", ctx.name()), &trainer).as_bytes(),
         )?;
-        if let Some(m) = last {
-            ctx.set_metric("test_error", json!(m.test_error));
-        }
+        ctx.set_metric("test_error", json!(last.test_error));
         Ok(Finished::Done)
     }
 }

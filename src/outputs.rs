@@ -1,0 +1,207 @@
+//! The JSON contracts between stages: every JSON output that one stage writes and another stage
+//! (or the report) reads is a struct here, used by both sides. A renamed field is a compile
+//! error; a file that lacks a field, or has one of the wrong type, is a load error naming the
+//! file and the field ([`read_json`]), never a silent gap in the report.
+//!
+//! Files are written with their keys sorted at every level ([`json_bytes`]), so the bytes do not
+//! depend on the order fields are declared in.
+//!
+//! | file | written by | read by |
+//! |---|---|---|
+//! | `metrics.json` | `train` | `report` |
+//! | `evaluation.json` | `evaluate` | `report` |
+//! | `ensemble.json` | `ensemble` | `report` |
+//! | `metamers.json` | `metamers` | `probe`, `report` |
+//! | `probe.json` | `probe` | `report` |
+//! | `interpolation.json` | `interpolate` | `report` |
+//! | `ablation.json` | `ablation` | `report` |
+//!
+//! (`summary.json` of the dataset stages is `crate::data::DatasetSummary`.)
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::nn::ice::AdversaryVariant;
+use crate::nn::model::ModelConfig;
+use crate::nn::nuisance::{ProbeEpoch, ProbeSettings, Readout};
+use crate::nn::train::{EpochMetrics, TrainSettings};
+
+/// `metrics.json` of a `train` stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainMetrics {
+    pub model: ModelConfig,
+    /// `ce` or `ice`.
+    pub objective: String,
+    pub settings: TrainSettings,
+    pub device: String,
+    pub parameters: usize,
+    pub history: Vec<EpochMetrics>,
+    pub final_test_error: f64,
+    pub final_train_error: f64,
+}
+
+/// `evaluation.json` of an `evaluate` stage (errors in %).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    pub model: ModelConfig,
+    pub parameters: usize,
+    pub test_error: f64,
+    pub train_error: f64,
+    pub n_test: usize,
+    pub n_train: usize,
+    /// The jointly trained iCE adversary on z_n; `null` for a model without one.
+    pub adversary: Option<AdversaryReadouts>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdversaryReadouts {
+    pub train: Readout,
+    pub test: Readout,
+}
+
+/// `ensemble.json` of the oracle (`ensemble` stage; errors in %).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleResult {
+    pub members: Vec<EnsembleMember>,
+    pub test_error: f64,
+    pub n_test: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleMember {
+    pub stage: String,
+    pub test_error: f64,
+}
+
+/// `metamers.json` of a `metamers` stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetamerResult {
+    pub pairs: usize,
+    /// max |z_s(x_met) − z_s(A)| over all metamers (claim C5).
+    pub max_logit_diff: f32,
+    /// ‖F⁻¹(F(x)) − x‖∞ on data and on metamers.
+    pub reconstruction_data: f32,
+    pub reconstruction_metamer: f32,
+    /// Fractions of metamers the oracle labels as A's / B's label (claim C6).
+    pub oracle_agrees_with_logit_source: f64,
+    pub oracle_agrees_with_nuisance_source: f64,
+    pub oracle_members: usize,
+    /// Test indices of A (logit sources) and B (nuisance sources), and the oracle's labels.
+    pub logit_sources: Vec<usize>,
+    pub nuisance_sources: Vec<usize>,
+    pub oracle_labels: Vec<u8>,
+}
+
+/// `probe.json` of a `probe` stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeResult {
+    pub settings: ProbeSettings,
+    pub n_fit: usize,
+    pub n_validation: usize,
+    pub n_test: usize,
+    /// How many metamers were scored (`null` without a metamers input).
+    pub metamers: Option<usize>,
+    /// By view: `z_n` and `z_s`.
+    pub views: BTreeMap<String, ProbeView>,
+}
+
+/// One fresh probe's readouts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeView {
+    pub dims: usize,
+    pub train: Readout,
+    pub validation: Readout,
+    pub test: Readout,
+    /// On metamers, labelled by the oracle (`null` without a metamers input).
+    pub metamers: Option<Readout>,
+    pub best_epoch: usize,
+    pub history: Vec<ProbeEpoch>,
+}
+
+/// `interpolation.json` of an `interpolate` stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterpolationResult {
+    pub paths: usize,
+    pub steps: usize,
+    pub fraction_label_changes: f64,
+    pub fraction_ends_as_nuisance_source: f64,
+    pub fraction_starts_as_logit_source: f64,
+    pub max_logit_drift: f32,
+    pub oracle_members: usize,
+    pub logit_sources: Vec<usize>,
+    pub nuisance_sources: Vec<usize>,
+    /// `oracle_labels[p][k]`: the oracle's label of path p at step k.
+    pub oracle_labels: Vec<Vec<u8>>,
+}
+
+/// `ablation.json` of the `ablation` stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AblationResult {
+    pub model: ModelConfig,
+    pub base: TrainSettings,
+    pub grid_epochs: Vec<usize>,
+    pub probe: ProbeSettings,
+    pub n_probe_fit: usize,
+    pub n_probe_validation: usize,
+    pub n_test: usize,
+    pub rows: Vec<AblationRow>,
+}
+
+/// One cell of the ablation grid at one epoch (the iCE fields are `null` for CE).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AblationRow {
+    pub objective: String,
+    pub adversary: Option<AdversaryVariant>,
+    pub w_adv: Option<f32>,
+    pub inner_steps: Option<usize>,
+    pub epoch: usize,
+    pub logit_test_error: f64,
+    pub logit_train_error: f64,
+    /// The jointly trained adversary's test error on z_n (iCE only).
+    pub adversary_test_error: Option<f64>,
+    pub probe_test_error: f64,
+    pub probe_train_error: f64,
+    pub probe_bound_bits: f64,
+}
+
+/// Pretty JSON with keys sorted at every level.
+pub fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    // serde_json's `Value` map is sorted (no `preserve_order`), so this sorts every level.
+    let tree = serde_json::to_value(value)?;
+    Ok(serde_json::to_vec_pretty(&tree)?)
+}
+
+/// Parses `bytes` as `T`; `what` names the file (`metrics.json of stage train_ce`) in the
+/// error, with the path of the offending field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).with_context(|| {
+        format!("{what} does not match the format its reader expects (src/outputs.rs)")
+    })
+}
+
+/// Reads and parses upstream output `file` of `stage` (verified against its hash).
+pub fn read_json<T: DeserializeOwned>(
+    ctx: &crate::engine::StageContext,
+    stage: &str,
+    file: &str,
+) -> Result<T> {
+    parse_json(
+        &ctx.input(stage, file)?,
+        &format!("{file} of stage {stage}"),
+    )
+}
