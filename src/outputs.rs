@@ -205,3 +205,54 @@ pub fn read_json<T: DeserializeOwned>(
         &format!("{file} of stage {stage}"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ensemble() -> EnsembleResult {
+        EnsembleResult {
+            members: vec![EnsembleMember {
+                stage: "oracle_1".into(),
+                test_error: 1.25,
+            }],
+            test_error: 1.0,
+            n_test: 10_000,
+        }
+    }
+
+    #[test]
+    fn writer_and_reader_round_trip_with_sorted_keys() {
+        let bytes = json_bytes(&ensemble()).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let (members, n_test) = (text.find("members").unwrap(), text.find("n_test").unwrap());
+        assert!(members < n_test && n_test < text.find("\"test_error\": 1.0").unwrap());
+        assert_eq!(
+            parse_json::<EnsembleResult>(&bytes, "ensemble.json").unwrap(),
+            ensemble()
+        );
+    }
+
+    #[test]
+    fn a_missing_or_renamed_field_is_an_error_naming_the_file_and_the_field() {
+        let mut tree = serde_json::to_value(ensemble()).unwrap();
+        tree.as_object_mut().unwrap().remove("test_error");
+        let bytes = serde_json::to_vec(&tree).unwrap();
+        let err = format!(
+            "{:#}",
+            parse_json::<EnsembleResult>(&bytes, "ensemble.json of stage oracle").unwrap_err()
+        );
+        assert!(
+            err.contains("ensemble.json of stage oracle") && err.contains("test_error"),
+            "{err}"
+        );
+        let renamed = String::from_utf8(json_bytes(&ensemble()).unwrap())
+            .unwrap()
+            .replace("\"stage\"", "\"stage_name\"");
+        let err = format!(
+            "{:#}",
+            parse_json::<EnsembleResult>(renamed.as_bytes(), "ensemble.json").unwrap_err()
+        );
+        assert!(err.contains("members[0]") && err.contains("stage_name"), "{err}");
+    }
+}

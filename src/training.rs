@@ -104,7 +104,6 @@ impl TypedParams for TrainParams {
                     ));
                 }
                 let levels = needed(self.levels, "levels", why)?;
-                at_least("levels", levels, 1)?;
                 // Each level squeezes 2×2 (channels ×4, side ÷2) and all but the last split
                 // off half the channels: the last map has in_channels·2^(levels+1) channels of
                 // side 32 / 2^levels, and the 10 logits are read from its centre pixel.

@@ -552,3 +552,131 @@ fn gc_keeps_current_results_and_drops_superseded_ones() {
     );
     assert_eq!(outcome(&status, "report"), "hit");
 }
+
+#[test]
+fn a_bad_param_value_exits_2_naming_where_and_what_before_anything_runs() {
+    let sb = Sandbox::new();
+    let cases: [(&str, &[&str]); 4] = [
+        (
+            "--set train_ice.optimizer=adamw",
+            &["optimizer", "unknown variant `adamw`", "adam", "adamax"],
+        ),
+        (
+            "--set train_ce.levels=0",
+            &["levels", "0 is out of range", "3 to 5"],
+        ),
+        (
+            "--set eval_ce.test_limit=-1",
+            &["test_limit", "0 means all"],
+        ),
+        (
+            "--set probe_ce.validation=0",
+            &["validation", "at least 1"],
+        ),
+    ];
+    for (set, expected) in cases {
+        let value = set.strip_prefix("--set ").unwrap();
+        let out = sb.repro(&["--set", value, "reproduce"]);
+        assert_eq!(out.status.code(), Some(2), "{set}");
+        let err = stderr(&out);
+        assert!(err.contains(set), "names the --set it came from: {err}");
+        for word in expected {
+            assert!(err.contains(word), "{set}: {word:?} missing from {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!sb.path("artifacts").exists(), "{set} touched the store");
+    }
+    // The same mistake in a profile file names the file and line.
+    let profile = sb.path("pipeline/profiles/smoke.toml");
+    let text = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(
+        &profile,
+        text.replacen("[params.train_ce]\n", "[params.train_ce]\ncoupling = \"affin\"\n", 1),
+    )
+    .unwrap();
+    let out = sb.repro(&["reproduce"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("smoke.toml:") && err.contains("coupling") && err.contains("affine"),
+        "{err}"
+    );
+    assert!(!sb.path("artifacts").exists());
+}
+
+#[test]
+fn why_on_an_unknown_stage_is_an_error_not_a_panic() {
+    let sb = Sandbox::new();
+    let out = sb.repro(&["why", "ghost"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("unknown stage \"ghost\""), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn sigterm_mid_stage_exits_130_and_the_run_record_names_the_stage_interrupted() {
+    let sb = Sandbox::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_repro"))
+        .args(["--profile", "smoke", "reproduce"])
+        .current_dir(sb.path(""))
+        .env_remove("REPRO_STORE")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The record is on disk (naming the stage building as interrupted) once a stage builds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let building = loop {
+        let runs = sb.path("artifacts/runs");
+        let record = std::fs::read_dir(&runs).ok().and_then(|mut d| {
+            let path = d.next()?.ok()?.path();
+            serde_json::from_slice::<Value>(&std::fs::read(path).ok()?).ok()
+        });
+        let in_flight = record.and_then(|r| {
+            r["stages"]
+                .as_array()?
+                .iter()
+                .find(|s| s["outcome"] == "interrupted")
+                .map(|s| s["name"].as_str().unwrap().to_string())
+        });
+        if let Some(name) = in_flight {
+            break name;
+        }
+        assert!(std::time::Instant::now() < deadline, "no stage started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    let record = sb.last_record();
+    eprintln!("{record:#}");
+    if exit.code() == Some(0) {
+        // The whole smoke run finished between our look and the signal: nothing to check.
+        assert!(!record["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["outcome"] == "interrupted"));
+        return;
+    }
+    assert_eq!(exit.code(), Some(130), "the handler exits 130");
+    let stages = record["stages"].as_array().unwrap();
+    let last = stages.last().unwrap();
+    assert_eq!(last["outcome"], "interrupted", "{record:#}");
+    assert!(last["seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        stages.iter().any(|s| s["name"] == building.as_str()),
+        "{building} is in the record"
+    );
+    // Nothing half-written entered the store: it verifies, and the stage is not fresh.
+    let verify = sb.repro(&["verify"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let interrupted = last["name"].as_str().unwrap();
+    assert!(
+        !sb.path("artifacts/store/refs").join(interrupted).exists(),
+        "no manifest for {interrupted}"
+    );
+}

@@ -20,6 +20,7 @@
 //! Params: the `train` stage's ([`TrainParams`], `objective = "ice"`: the base every iCE cell
 //! overrides), `grid_*` ([`GridParams`]) and `probe_*` ([`ProbeParams`]).
 //!
+//! Claims: none
 //! Modules: data, nn, outputs, report/figures, training
 
 use anyhow::{bail, Result};

@@ -11,6 +11,7 @@
 //!
 //! Params: `test_limit` (0 = all).
 //!
+//! Claims: none
 //! Modules: data, nn, outputs
 
 use anyhow::{ensure, Result};

@@ -11,6 +11,7 @@
 //! cross-entropy and the bound H(y) − CE on I(y; z_n) in bits) (errors in %).
 //! Params: `train_limit`, `test_limit` (0 = all).
 //!
+//! Claims: C1, C2
 //! Modules: data, nn, outputs
 
 use anyhow::Result;

@@ -6,6 +6,7 @@
 //! When they are absent the stage is *skipped* with the install hint, not failed.
 //! Outputs: as `mnist` (60 000 train, 10 000 test, 6 000 / 1 000 per class).
 //!
+//! Claims: none
 //! Modules: data
 
 use std::path::PathBuf;

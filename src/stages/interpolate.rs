@@ -14,6 +14,7 @@
 //!
 //! Params: `paths` (≥ 1), `steps` (≥ 2: both ends), `grid_paths` (≤ paths).
 //!
+//! Claims: C7
 //! Modules: data, nn, oracle, outputs, report/figures
 
 use anyhow::{bail, Result};

@@ -15,6 +15,7 @@
 //!
 //! Params: `pairs` (≥ 1), `grid_pairs` (≤ pairs).
 //!
+//! Claims: C5, C6
 //! Modules: data, nn, oracle, outputs, report/figures
 
 use anyhow::Result;

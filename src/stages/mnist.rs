@@ -9,6 +9,7 @@
 //! Expected: 60 000 train images; test label counts
 //! [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]; both sources byte-identical.
 //!
+//! Claims: none
 //! Modules: data
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,10 @@
 //! The paper's stages: one file per stage kind, each opening with the paper section and
-//! claims it covers, its inputs and outputs, and a `//! Modules:` line naming the modules its
-//! code fingerprint covers (checked by tests/fingerprint.rs).
+//! claims it covers, its inputs, outputs and params, a `//! Claims:` line naming the claims its
+//! stages measure (exactly those `paper/claims.toml`'s `measured_by` gives them; checked by
+//! tests/stage_headers.rs) and a `//! Modules:` line naming the modules its code fingerprint
+//! covers (checked by tests/fingerprint.rs). Each kind's params are a typed struct, checked
+//! when the pipeline loads; the JSON it hands to other stages is a struct of
+//! `crate::outputs`.
 //!
 //! Adding a stage kind = a file here, a line in [`registry`], and a `[[stage]]` in
 //! `pipeline/pipeline.toml`. Nothing in `crate::engine` changes.

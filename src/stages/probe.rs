@@ -23,6 +23,7 @@
 //!
 //! Params: the probe's ([`ProbeParams`]) and `test_limit` (0 = all).
 //!
+//! Claims: C3, C4
 //! Modules: data, nn, outputs, report/figures, training
 
 use std::collections::BTreeMap;

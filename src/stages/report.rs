@@ -21,6 +21,7 @@
 //! adversary), and says "not run" with the reason for what did not run.
 //! Params: `profile` (the profile this report describes).
 //!
+//! Claims: none
 //! Modules: data, nn, outputs, report
 
 use std::collections::BTreeMap;

@@ -19,6 +19,7 @@
 //!
 //! Params: [`TrainParams`] (checked when the pipeline loads).
 //!
+//! Claims: none
 //! Modules: data, nn, outputs, report/figures, training
 
 use std::collections::HashMap;
