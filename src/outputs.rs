@@ -253,6 +253,9 @@ mod tests {
             "{:#}",
             parse_json::<EnsembleResult>(renamed.as_bytes(), "ensemble.json").unwrap_err()
         );
-        assert!(err.contains("members[0]") && err.contains("stage_name"), "{err}");
+        assert!(
+            err.contains("members[0]") && err.contains("stage_name"),
+            "{err}"
+        );
     }
 }

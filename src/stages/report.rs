@@ -331,25 +331,38 @@ impl StageKind for Report {
             }
         }
 
-        let accuracy: Vec<Value> = tables
-            .accuracy
-            .iter()
-            .map(|row| {
-                let get = |field: &str| metrics.get(&format!("{}.{field}", row.stage)).copied();
-                let measured = !row.stage.is_empty() && get(&row.test_metric).is_some();
-                json!({
-                    "label": row.label, "stage": row.stage, "measured": measured,
-                    "quoted_only": row.stage.is_empty(), "group": row.group, "note": row.note,
-                    "test_error": get(&row.test_metric).map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
-                    "train_error": get(&row.train_metric).map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
-                    "n_test": get(&row.n_test_metric).map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
-                    "n_train": get(&row.n_train_metric).map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
-                    "paper_test": row.paper_test.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
-                    "paper_train": row.paper_train.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
-                    "provenance": ctx.upstream_manifest(&row.stage).map(provenance),
-                })
-            })
-            .collect();
+        // A row whose stage ran must find every field it names: a missing one is an error
+        // naming the row, not a silent "—". An empty field name means "not measured" (the
+        // oracle has no training error of its own).
+        let mut accuracy: Vec<Value> = Vec::new();
+        for row in &tables.accuracy {
+            let ran = !row.stage.is_empty() && ctx.has_input(&row.stage);
+            let get = |field: &str| -> Result<String> {
+                if field.is_empty() {
+                    return Ok("not measured".into());
+                }
+                if !ran {
+                    return Ok("—".into());
+                }
+                let name = format!("{}.{field}", row.stage);
+                metrics.get(&name).copied().map(|v| {
+                    if field.starts_with("n_") || field.ends_with(".n") { v.to_string() } else { format!("{v:.2}") }
+                }).with_context(|| format!("paper/tables.toml: row {:?} reads {name}, which stage {} did not publish", row.label, row.stage))
+            };
+            let paper =
+                |v: Option<f64>| v.map_or("not reported".to_string(), |v| format!("{v:.2}"));
+            accuracy.push(json!({
+                "label": row.label, "stage": row.stage, "measured": ran,
+                "quoted_only": row.stage.is_empty(), "group": row.group, "note": row.note,
+                "test_error": get(&row.test_metric)?,
+                "train_error": get(&row.train_metric)?,
+                "n_test": get(&row.n_test_metric)?,
+                "n_train": get(&row.n_train_metric)?,
+                "paper_test": paper(row.paper_test),
+                "paper_train": paper(row.paper_train),
+                "provenance": ctx.upstream_manifest(&row.stage).map(provenance),
+            }));
+        }
 
         let claim_rows: Vec<Value> = claims
             .iter()
