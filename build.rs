@@ -9,14 +9,15 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+/// Every file under `path` (itself if a file; nothing if absent).
 fn files_under(path: &Path, out: &mut Vec<PathBuf>) {
-    if path.is_file() {
-        out.push(path.to_path_buf());
-    } else if let Ok(entries) = fs::read_dir(path) {
-        for entry in entries.flatten() {
-            files_under(&entry.path(), out);
-        }
-    }
+    out.extend(
+        walkdir::WalkDir::new(path)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+            .map(walkdir::DirEntry::into_path),
+    );
 }
 
 fn hash_file(hasher: &mut Sha256, label: &str, bytes: &[u8]) {
