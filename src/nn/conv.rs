@@ -15,6 +15,10 @@
 //! weight grad   dW[o, c, tap] += Σ_p Σ_lanes dy[o, p] · x[c, q(p, tap)]   (db: x a row of ones)
 //! ```
 //!
+//! The bias is optional: a conv followed by an ActNorm has none (the ActNorm's own bias would
+//! make it redundant), and then the forward starts from zeros and the weight gradient has no
+//! bias column.
+//!
 //! The first two are one kernel, [`Gemm`]: for each result pixel a list of (tap, pixel on the
 //! other side) links (the [`Plan`] holds them in both directions), and a register block of up to
 //! 4 result channels × a block of batch lanes accumulated over links × channels. The input
@@ -46,6 +50,8 @@ pub struct Geometry {
     pub kernel: usize,
     pub stride: usize,
     pub pad: usize,
+    /// Whether the conv adds a bias: on CUDA the plan then gathers a block of ones rows.
+    pub bias: bool,
     pub h: usize,
     pub w: usize,
     pub out_h: usize,
@@ -84,18 +90,19 @@ pub fn kernels() -> &'static str {
     imp::kernels()
 }
 
-/// Convolves `x (C_in·h·w, B)` with `weight (O, C_in·k·k)` and `bias (O,)`, returning
-/// `(O·out_h·out_w, B)`.
-pub fn conv2d<T: Tp>(weight: &Param, bias: &Param, x: T2<T>, plan: &Rc<Plan>) -> T2<T> {
+/// Convolves `x (C_in·h·w, B)` with `weight (O, C_in·k·k)` and, if the plan's geometry has
+/// one, `bias (O,)`, returning `(O·out_h·out_w, B)`.
+pub fn conv2d<T: Tp>(weight: &Param, bias: Option<&Param>, x: T2<T>, plan: &Rc<Plan>) -> T2<T> {
     let g = plan.geometry;
     assert_eq!(x.shape().0, g.c_in * g.h * g.w, "conv input rows");
+    assert_eq!(bias.is_some(), g.bias, "conv bias against its plan");
     imp::conv2d(weight, bias, x, plan)
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
     //! dfdx's ops: a row gather of whole input rows into an im2col matrix (padding taps read a
-    //! zero row, a block of ones rows is the bias "channel") and one matmul. With fewer output
+    //! zero row, a block of ones rows is the bias "channel" if there is a bias) and one matmul. With fewer output
     //! than input channels it is cheaper to matmul first and gather-sum the taps on the output
     //! side; a 1×1 conv is a plain matmul.
 
@@ -153,7 +160,9 @@ mod imp {
                         }
                     }
                 }
-                source.extend(std::iter::repeat_n(ONE_ROW, out_pixels));
+                if g.bias {
+                    source.extend(std::iter::repeat_n(ONE_ROW, out_pixels));
+                }
             }
             let rows = if output_side(g) {
                 g.c_out * kk * in_pixels
@@ -166,18 +175,26 @@ mod imp {
         }
     }
 
-    pub fn conv2d<T: Tp>(weight: &Param, bias: &Param, x: T2<T>, plan: &super::Plan) -> T2<T> {
+    pub fn conv2d<T: Tp>(
+        weight: &Param,
+        bias: Option<&Param>,
+        x: T2<T>,
+        plan: &super::Plan,
+    ) -> T2<T> {
         let g = plan.geometry;
         let b = x.shape().1;
         let kk = g.kernel * g.kernel;
         let (in_pixels, out_pixels) = (g.h * g.w, g.out_h * g.out_w);
+        let add_bias = |y: T2<T>| match bias {
+            Some(bias) => affine_per_channel(y, Some(bias), None, g.c_out),
+            None => y,
+        };
         let Some(gather) = &plan.inner.gather else {
             let y = wide_matmul(
                 taped::<_, T>(&weight.value),
                 x.reshape_like(&(g.c_in, in_pixels * b)),
             );
-            let y = y.reshape_like(&(g.c_out * in_pixels, b));
-            return affine_per_channel(y, Some(bias), None, g.c_out);
+            return add_bias(y.reshape_like(&(g.c_out * in_pixels, b)));
         };
         if output_side(&g) {
             // (O·kk, C) weight view: reorder columns (c, tap) to rows (o, tap).
@@ -192,11 +209,17 @@ mod imp {
             let summed = taps
                 .reshape_like(&(g.c_out * out_pixels, kk, b))
                 .sum::<(usize, usize), Axis<1>>();
-            affine_per_channel(summed, Some(bias), None, g.c_out)
+            add_bias(summed)
         } else {
-            let full =
-                (taped::<_, T>(&weight.value), taped::<_, T>(&bias.value)).concat_along(Axis::<1>);
-            let k = g.c_in * kk + 1;
+            // The bias, if any, is one more weight column, multiplying the ones rows.
+            let (full, k) = match bias {
+                Some(bias) => (
+                    (taped::<_, T>(&weight.value), taped::<_, T>(&bias.value))
+                        .concat_along(Axis::<1>),
+                    g.c_in * kk + 1,
+                ),
+                None => (taped::<_, T>(&weight.value), g.c_in * kk),
+            };
             let cols = gather.apply(x).reshape_like(&(k, out_pixels * b));
             wide_matmul(full, cols).reshape_like(&(g.c_out * out_pixels, b))
         }
@@ -317,7 +340,12 @@ mod imp {
     /// The custom dfdx op. Forward: one [`Gemm`] over the output pixels. Backward: the weight
     /// and bias gradient ([`weight_gradient`]), then the input gradient, a [`Gemm`] over the
     /// input pixels that adds to whatever gradient the input already has.
-    pub fn conv2d<T: Tp>(weight: &Param, bias: &Param, x: T2<T>, plan: &Rc<super::Plan>) -> T2<T> {
+    pub fn conv2d<T: Tp>(
+        weight: &Param,
+        bias: Option<&Param>,
+        x: T2<T>,
+        plan: &Rc<super::Plan>,
+    ) -> T2<T> {
         let g = plan.geometry;
         let b = x.shape().1;
         let (in_pixels, out_pixels) = (g.h * g.w, g.out_h * g.out_w);
@@ -331,6 +359,8 @@ mod imp {
         let isa = Isa::get();
 
         let mut y = vec![0.0f32; g.c_out * out_pixels * b];
+        // Without a bias the sums start from zeros.
+        let init = bias.map_or_else(|| vec![0.0; g.c_out], |bias| bias.value.as_vec());
         let forward = Gemm {
             lists: &plan.inner.reads,
             a: &pack(&w, &g, false),
@@ -340,30 +370,33 @@ mod imp {
             src_pixels: in_pixels,
             src_plane: plane,
             b,
-            bias: Some(&bias.value.as_vec()),
+            bias: Some(&init),
         };
         forward.run(isa, &mut y, out_pixels);
         let out: T2 = x.device().tensor_from_vec(y, (g.c_out * out_pixels, b));
 
         if T::OWNS_TAPE {
             let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
-            let (w_ghost, b_ghost) = (weight.value.ghost(), bias.value.ghost());
+            let (w_ghost, b_ghost) = (weight.value.ghost(), bias.map(|b| b.value.ghost()));
             let plan = Rc::clone(plan);
             tape.add_backward_op(move |grads| {
                 // Our output's gradient is complete when this op runs and nothing reads it
                 // after us: take its buffer instead of copying it.
                 let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
                 let sums = weight_gradient(isa, &plan, &dy, (&input, plane), b);
-                let columns = g.c_in * g.kernel * g.kernel;
+                let weights = g.c_in * g.kernel * g.kernel;
+                let columns = weights + usize::from(g.bias);
                 let dw = grads.get_or_alloc_mut(&w_ghost)?;
-                for (dw_row, sum_row) in dw.chunks_mut(columns).zip(sums.chunks(columns + 1)) {
+                for (dw_row, sum_row) in dw.chunks_mut(weights).zip(sums.chunks(columns)) {
                     for (d, s) in dw_row.iter_mut().zip(sum_row) {
                         *d += s;
                     }
                 }
-                let db = grads.get_or_alloc_mut(&b_ghost)?;
-                for (d, sum_row) in db.iter_mut().zip(sums.chunks(columns + 1)) {
-                    *d += sum_row[columns];
+                if let Some(b_ghost) = &b_ghost {
+                    let db = grads.get_or_alloc_mut(b_ghost)?;
+                    for (d, sum_row) in db.iter_mut().zip(sums.chunks(columns)) {
+                        *d += sum_row[weights];
+                    }
                 }
                 let input_grad = Gemm {
                     lists: &plan.inner.readers,
@@ -604,9 +637,9 @@ mod imp {
         }
     }
 
-    /// The weight and bias gradient as `(O, C·k² + 1)` (the bias last), summed over the
-    /// output pixels in fixed chunks of [`WEIGHT_CHUNK`] (in parallel), then over chunks in
-    /// chunk order.
+    /// The weight and bias gradient as `(O, C·k² + 1)` (the bias last; `(O, C·k²)` for a conv
+    /// without bias), summed over the output pixels in fixed chunks of [`WEIGHT_CHUNK`] (in
+    /// parallel), then over chunks in chunk order.
     fn weight_gradient(
         isa: Isa,
         plan: &super::Plan,
@@ -616,7 +649,8 @@ mod imp {
     ) -> Vec<f32> {
         let g = plan.geometry;
         let kk = g.kernel * g.kernel;
-        let columns = g.c_in * kk + 1;
+        let input_columns = g.c_in * kk;
+        let columns = input_columns + usize::from(g.bias);
         let (in_pixels, out_pixels) = (g.h * g.w, g.out_h * g.out_w);
         assert_eq!(
             dy.len(),
@@ -631,6 +665,7 @@ mod imp {
             x,
             sources: &plan.inner.sources,
             taps: kk,
+            input_columns,
             columns,
             out_pixels,
             x_plane,
@@ -657,13 +692,16 @@ mod imp {
     }
 
     /// Inputs of the weight gradient: column `k < C·k²` of the weights is (c, tap) =
-    /// (k / k², k % k²) and multiplies the input row `x[c, q(p, tap)]`; the last column is the
-    /// bias and multiplies a row of ones.
+    /// (k / k², k % k²) and multiplies the input row `x[c, q(p, tap)]`; the last column, if the
+    /// conv has a bias, is the bias and multiplies a row of ones.
     struct WeightGrad<'a> {
         dy: &'a [f32],
         x: &'a [f32],
         sources: &'a [u32],
         taps: usize,
+        /// `C·k²`: the columns that multiply input rows.
+        input_columns: usize,
+        /// `input_columns`, plus one for the bias if there is one.
         columns: usize,
         out_pixels: usize,
         /// Floats from one input channel's rows to the next's.
@@ -684,13 +722,12 @@ mod imp {
 
     impl WeightGrad<'_> {
         fn column(&self, k: usize) -> Column {
-            let bias = self.columns - 1;
-            if k < bias {
+            if k < self.input_columns {
                 Column::Input {
                     plane: k / self.taps * self.x_plane,
                     tap: k % self.taps,
                 }
-            } else if k == bias {
+            } else if k < self.columns {
                 Column::Ones
             } else {
                 Column::Zeros
