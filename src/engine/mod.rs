@@ -9,10 +9,11 @@
 //! Module map: [`params`] (typed, canonically encoded parameters), [`key`] (stage keys),
 //! [`pipeline`] (pipeline.toml + profiles + `--set`), [`stage`] (the trait and the context a
 //! stage runs in), [`store`] (objects, manifests, locks), [`run`] (building and explaining),
-//! [`maintain`] (`verify`, `gc`).
+//! [`maintain`] (`verify`, `gc`), [`outputs`] (`show`, `export`: a stage's current outputs).
 
 pub mod key;
 pub mod maintain;
+pub mod outputs;
 pub mod params;
 pub mod pipeline;
 pub mod run;
@@ -20,6 +21,7 @@ pub mod stage;
 pub mod store;
 
 pub use key::{ExecFacts, HashedInput, KeyFields};
+pub use outputs::{CurrentOutputs, OutputFile};
 pub use params::{Param, Params};
 pub use pipeline::{ConfigError, Pipeline, Stage};
 pub use run::{Engine, Outcome, RunOptions, RunRecord, StageStatus, State};
