@@ -93,13 +93,14 @@ class Conv2dZeros(nn.Module):
 
 class CouplingNN(nn.Module):
     """conv3x3(cin->64) -> ActNorm -> ReLU -> conv1x1(64->64) -> ActNorm -> ReLU
-    -> Dropout(0.1) -> Conv2dZeros(64->cin). ActNorms here add no log-det."""
+    -> Dropout(0.1) -> Conv2dZeros(64->cin). ActNorms here add no log-det; the
+    convs before them have no bias (the ActNorm's bias makes it redundant)."""
 
     def __init__(self, cin, hidden=64, dropout=0.1):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, hidden, 3, padding=1, bias=True)
+        self.conv1 = nn.Conv2d(cin, hidden, 3, padding=1, bias=False)
         self.an1 = ActNorm(hidden)
-        self.conv2 = nn.Conv2d(hidden, hidden, 1, padding=0, bias=True)
+        self.conv2 = nn.Conv2d(hidden, hidden, 1, padding=0, bias=False)
         self.an2 = ActNorm(hidden)
         self.drop = nn.Dropout(dropout)
         self.conv3 = Conv2dZeros(hidden, cin)

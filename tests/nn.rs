@@ -86,20 +86,25 @@ fn naive_conv(
     (y, dx, dw, db)
 }
 
-/// Runs `case` on a random batch of `b` and compares the output and all gradients with
-/// [`naive_conv`]. The input also feeds the loss directly (`+ Σ x·s`), so the conv's input
-/// gradient must add to a gradient that is already there. Output and input gradient are
-/// compared to `tol` absolutely; weight and bias gradients sum over every output pixel of the
-/// batch (thousands of f32 terms), so they are compared to `tol` relative to their scale.
-fn check_conv(case: &ConvCase, b: usize, tol: f64, rng: &mut ChaCha8Rng) {
+/// Runs `case`, with a bias or without one (the reference then has a zero bias), on a random
+/// batch of `b` and compares the output and all gradients with [`naive_conv`]. The input also
+/// feeds the loss directly (`+ Σ x·s`), so the conv's input gradient must add to a gradient
+/// that is already there. Output and input gradient are compared to `tol` absolutely; weight
+/// and bias gradients sum over every output pixel of the batch (thousands of f32 terms), so
+/// they are compared to `tol` relative to their scale.
+fn check_conv(case: &ConvCase, with_bias: bool, b: usize, tol: f64, rng: &mut ChaCha8Rng) {
     let dev = device();
     let k = case.kernel;
     let x = random(rng, case.c_in * case.h * case.w * b);
     let weight = random(rng, case.c_out * case.c_in * k * k);
-    let bias = random(rng, case.c_out);
+    let bias = if with_bias {
+        random(rng, case.c_out)
+    } else {
+        vec![0.0; case.c_out]
+    };
     let conv = Conv2d::new(
         Param::new(&dev, "w", &[case.c_out, case.c_in, k, k], weight.clone()),
-        Param::new(&dev, "b", &[case.c_out], bias.clone()),
+        with_bias.then(|| Param::new(&dev, "b", &[case.c_out], bias.clone())),
         case.stride,
         case.pad,
     );
@@ -121,8 +126,15 @@ fn check_conv(case: &ConvCase, b: usize, tol: f64, rng: &mut ChaCha8Rng) {
     let y_values = y.retaped::<NoneTape>().as_vec();
     let grads = ((y * rt).sum() + (traced * st).sum()).backward();
     let label = format!(
-        "c{}->{} k{} s{} p{} {}x{} batch {b}",
-        case.c_in, case.c_out, k, case.stride, case.pad, case.h, case.w
+        "c{}->{} k{} s{} p{} {}x{} batch {b}{}",
+        case.c_in,
+        case.c_out,
+        k,
+        case.stride,
+        case.pad,
+        case.h,
+        case.w,
+        if with_bias { "" } else { " without bias" }
     );
     let y_err = max_abs_diff(&y_values, &y_ref);
     assert!(y_err < tol, "{label}: forward off by {y_err}");
@@ -134,15 +146,18 @@ fn check_conv(case: &ConvCase, b: usize, tol: f64, rng: &mut ChaCha8Rng) {
         dw_err < tol * scale,
         "{label}: weight gradient off by {dw_err} (scale {scale})"
     );
-    let scale = db_ref.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let db_err = max_abs_diff(&grads.get(&conv.bias.value).as_vec(), &db_ref);
-    assert!(
-        db_err < tol * scale,
-        "{label}: bias gradient off by {db_err} (scale {scale})"
-    );
+    if let Some(bias) = &conv.bias {
+        let scale = db_ref.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let db_err = max_abs_diff(&grads.get(&bias.value).as_vec(), &db_ref);
+        assert!(
+            db_err < tol * scale,
+            "{label}: bias gradient off by {db_err} (scale {scale})"
+        );
+    }
+    let bias_count = if with_bias { case.c_out } else { 0 };
     assert_eq!(
         conv.param_count(),
-        case.c_out * case.c_in * k * k + case.c_out
+        case.c_out * case.c_in * k * k + bias_count
     );
 }
 
@@ -225,8 +240,14 @@ fn conv_forward_and_gradients_match_a_naive_reference() {
             w: 7,
         },
     ];
-    for case in cases {
-        check_conv(&case, 3, 1e-5, &mut rng);
+    for case in &cases {
+        check_conv(case, true, 3, 1e-5, &mut rng);
+    }
+    // Without a bias (the coupling nets' first two convs), on every path: on CPU the forward
+    // starts from zeros and the weight gradient has no bias column; on CUDA the im2col has no
+    // ones rows and the pointwise and output-side paths add no bias.
+    for case in &cases {
+        check_conv(case, false, 3, 1e-5, &mut rng);
     }
 }
 
@@ -285,7 +306,7 @@ fn conv_matches_the_reference_for_any_batch_size_and_channel_count() {
     ];
     for b in [1, 3, 19, 85, 128] {
         for case in &cases {
-            check_conv(case, b, 2e-5, &mut rng);
+            check_conv(case, true, b, 2e-5, &mut rng);
         }
     }
 }
@@ -640,26 +661,30 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
 fn parameter_counts_match_the_authors_model_and_the_pytorch_peer() {
     let dev = device();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
+    // The `paper` profile (pipeline/profiles/paper.toml), logit BatchNorm included.
     let paper = FiRevNet::new(
         &dev,
-        config(
-            3,
-            32,
-            3,
-            16,
-            128,
-            CouplingKind::Additive,
-            Permutation::Reverse,
-        ),
+        RevNetConfig {
+            logit_batchnorm: true,
+            ..config(
+                3,
+                32,
+                3,
+                16,
+                128,
+                CouplingKind::Additive,
+                Permutation::Reverse,
+            )
+        },
         &mut rng,
     );
-    let count = paper.param_count();
-    eprintln!("paper configuration: {count} parameters");
-    // paper-notes § 2: "about 2.37 M flow parameters".
-    assert!(
-        (2_360_000..2_380_000).contains(&count),
-        "paper configuration: {count}"
-    );
+    // The authors' MNIST model has 2 366 640 parameters. A step at level l (C = 12, 24, 48
+    // channels, coupling on C/2, hidden 128): ActNorm 2C, conv3×3 9·(C/2)·128 and ActNorm
+    // 2·128, conv1×1 128·128 and ActNorm 2·128 (neither conv has a bias: the ActNorm's makes it
+    // redundant), zero conv3×3 9·128·(C/2) + C/2 bias + C/2 logs = 30 756, 44 616 and 72 336;
+    // 16 steps each, plus the split priors' zero convs 6→12 (672) and 12→24 (2 640). The logit
+    // BatchNorm adds its weight and bias, 10 each (its running statistics are buffers).
+    assert_eq!(paper.param_count(), 2_366_640 + 20);
     let cpu = FiRevNet::new(
         &dev,
         config(
@@ -673,8 +698,8 @@ fn parameter_counts_match_the_authors_model_and_the_pytorch_peer() {
         ),
         &mut rng,
     );
-    // bench/pytorch_train_step.py builds the same model in PyTorch: 118 992 parameters.
-    assert_eq!(cpu.param_count(), 118_992);
+    // bench/pytorch_train_step.py builds the same model in PyTorch: 117 456 parameters.
+    assert_eq!(cpu.param_count(), 117_456);
 }
 
 // ---- training ----
@@ -947,6 +972,19 @@ fn weights_files_round_trip_and_rebuild_the_model_from_the_file_alone() {
             );
             assert!(
                 names.contains(&"level0.split.prior.logs [4]".to_string()),
+                "{names:?}"
+            );
+            // The coupling's convs before an ActNorm have no bias; its zero conv has one.
+            assert!(
+                !names
+                    .iter()
+                    .any(|n| n.contains("conv1.bias") || n.contains("conv2.bias")),
+                "{names:?}"
+            );
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n.starts_with("level0.step0.coupling.conv3.bias ")),
                 "{names:?}"
             );
         }

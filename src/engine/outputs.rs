@@ -86,9 +86,10 @@ impl Engine<'_> {
             if let Some(actual) = self.store.check_object(hash)? {
                 bail!(
                     "object {hash} ({}/{}) is corrupt: its content hashes to {actual}; \
-                     `repro run {} --repair` rebuilds it",
+                     `repro --profile {} run {} --repair` rebuilds it",
                     manifest.stage,
                     file.name,
+                    self.pipeline.profile,
                     manifest.stage
                 );
             }

@@ -114,7 +114,7 @@ fn conv(name: &str, conv: &Conv2d) -> Value {
         "kernel": conv.kernel,
         "stride": conv.stride,
         "padding": conv.pad,
-        "bias": true,
+        "bias": conv.bias.is_some(),
     })
 }
 

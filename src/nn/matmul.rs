@@ -44,9 +44,14 @@ mod imp {
     unsafe impl Sync for Shared {}
 
     impl Shared {
-        // A method, so that closures capture the whole (Send) wrapper, not its raw field.
-        fn at(self, offset: usize) -> *mut f32 {
-            // SAFETY: callers stay inside the buffer the pointer came from.
+        /// The pointer `offset` floats on. A method, so that closures capture the whole (Send)
+        /// wrapper, not its raw field.
+        ///
+        /// # Safety
+        /// The buffer the pointer came from must still be alive and hold at least `offset`
+        /// floats (`offset` may be its length, one past the end), as [`pointer::add`] requires.
+        unsafe fn at(self, offset: usize) -> *mut f32 {
+            // SAFETY: `offset` stays within the live buffer (this function's contract).
             unsafe { self.0.add(offset) }
         }
     }
@@ -86,6 +91,10 @@ mod imp {
             a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
             "matmul buffer sizes"
         );
+        // Nothing to add; and below, every tile's offsets then lie inside the buffers.
+        if m == 0 || k == 0 || n == 0 {
+            return;
+        }
         let out = Shared(c.as_mut_ptr());
         let (rsa, csa) = if a_transposed {
             (1, m as isize)
@@ -103,8 +112,11 @@ mod imp {
         tiles
             .into_par_iter()
             .for_each(|((row_start, row_end), (start, end))| {
-                // SAFETY: sizes checked above; each tile reads and writes only rows
-                // row_start..row_end and columns start..end of c; a and b are only read.
+                // SAFETY: sizes checked above and no dimension is zero, so row_start < m and
+                // start < n: every offset below lies inside its buffer (`out.at`:
+                // row_start·n + start < m·n <= c.len(), and `c` outlives the parallel loop).
+                // Each tile reads and writes only rows row_start..row_end and columns
+                // start..end of c; a and b are only read.
                 unsafe {
                     matrixmultiply::sgemm(
                         row_end - row_start,
@@ -133,14 +145,21 @@ mod imp {
             dy.len() >= m * n && x.len() >= k * n && dw.len() >= m * k,
             "matmul buffer sizes"
         );
+        // Nothing to add; and below, every block's offsets then lie inside the buffers.
+        if m == 0 || k == 0 || n == 0 {
+            return;
+        }
         if n <= CHUNK {
             // Narrow (one chunk): blocks of rows of dW in parallel, each summed in one go.
             let out = Shared(dw.as_mut_ptr());
             row_blocks(m, n)
                 .into_par_iter()
                 .for_each(|(row_start, row_end)| {
-                    // SAFETY: sizes checked above; each block reads rows row_start..row_end
-                    // of dy and all of x (as its transpose), and writes only those rows of dw.
+                    // SAFETY: sizes checked above and no dimension is zero, so row_start < m:
+                    // every offset below lies inside its buffer (`out.at`: row_start·k < m·k
+                    // <= dw.len(), and `dw` outlives the parallel loop). Each block reads rows
+                    // row_start..row_end of dy and all of x (as its transpose), and writes
+                    // only those rows of dw.
                     unsafe {
                         matrixmultiply::sgemm(
                             row_end - row_start,

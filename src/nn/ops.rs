@@ -90,7 +90,8 @@ impl RowMap {
 /// 2-D convolution `(C_in·H·W, B) → (C_out·H_o·W_o, B)`, weights in PyTorch's `(O, C, k, k)`.
 pub struct Conv2d {
     pub weight: Param,
-    pub bias: Param,
+    /// `None` for a conv whose output goes straight into an ActNorm (see [`Conv2d::init_without_bias`]).
+    pub bias: Option<Param>,
     pub c_in: usize,
     pub c_out: usize,
     pub kernel: usize,
@@ -100,10 +101,12 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(weight: Param, bias: Param, stride: usize, pad: usize) -> Conv2d {
+    pub fn new(weight: Param, bias: Option<Param>, stride: usize, pad: usize) -> Conv2d {
         let (c_out, c_in, kernel) = (weight.shape[0], weight.shape[1], weight.shape[2]);
         assert_eq!(weight.shape, vec![c_out, c_in, kernel, kernel]);
-        assert_eq!(bias.shape, vec![c_out]);
+        if let Some(bias) = &bias {
+            assert_eq!(bias.shape, vec![c_out]);
+        }
         Conv2d {
             weight,
             bias,
@@ -116,7 +119,7 @@ impl Conv2d {
         }
     }
 
-    /// PyTorch's default init.
+    /// PyTorch's default init, with a bias.
     #[allow(clippy::too_many_arguments)]
     pub fn init(
         dev: &Dev,
@@ -137,7 +140,32 @@ impl Conv2d {
             rng,
         );
         let bias = Param::uniform(dev, format!("{name}.bias"), &[c_out], fan_in, rng);
-        Conv2d::new(weight, bias, stride, pad)
+        Conv2d::new(weight, Some(bias), stride, pad)
+    }
+
+    /// PyTorch's default init of the weights, and no bias: for a conv followed by an ActNorm,
+    /// whose own per-channel bias would make the conv's redundant (the authors' coupling nets,
+    /// PyTorch's `bias=False`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn init_without_bias(
+        dev: &Dev,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Conv2d {
+        let fan_in = c_in * kernel * kernel;
+        let weight = Param::uniform(
+            dev,
+            format!("{name}.weight"),
+            &[c_out, c_in, kernel, kernel],
+            fan_in,
+            rng,
+        );
+        Conv2d::new(weight, None, stride, pad)
     }
 
     /// Weights and bias zero (a coupling's last layer starts as the identity map).
@@ -155,7 +183,7 @@ impl Conv2d {
             &[c_out, c_in, kernel, kernel],
         );
         let bias = Param::zeros(dev, format!("{name}.bias"), &[c_out]);
-        Conv2d::new(weight, bias, 1, pad)
+        Conv2d::new(weight, Some(bias), 1, pad)
     }
 
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
@@ -175,6 +203,7 @@ impl Conv2d {
                 kernel: self.kernel,
                 stride: self.stride,
                 pad: self.pad,
+                bias: self.bias.is_some(),
                 h,
                 w,
                 out_h,
@@ -189,7 +218,7 @@ impl Conv2d {
     pub fn forward<T: Tp>(&self, x: T2<T>, h: usize, w: usize) -> (T2<T>, usize, usize) {
         assert_eq!(x.shape().0, self.c_in * h * w, "conv input rows");
         let plan = self.plan(x.device(), h, w);
-        let y = conv2d(&self.weight, &self.bias, x, &plan);
+        let y = conv2d(&self.weight, self.bias.as_ref(), x, &plan);
         (y, plan.geometry.out_h, plan.geometry.out_w)
     }
 }
@@ -197,11 +226,15 @@ impl Conv2d {
 impl HasParams for Conv2d {
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
         f(&self.weight);
-        f(&self.bias);
+        if let Some(bias) = &self.bias {
+            f(bias);
+        }
     }
     fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
         f(&mut self.weight);
-        f(&mut self.bias);
+        if let Some(bias) = &mut self.bias {
+            f(bias);
+        }
     }
 }
 
