@@ -302,3 +302,73 @@ fn pytorch_rebuilds_our_models_from_the_weights_files_and_agrees() {
     assert!(diff <= TOLERANCE, "cnn: max |Δlogits| {diff}");
     eprintln!("pytorch interop: {:.1} s", start.elapsed().as_secs_f64());
 }
+
+/// Without PyTorch: the description in a weights file is the model's (permutations included),
+/// and a file whose description disagrees with its config does not load.
+#[test]
+fn the_weights_metadata_describes_the_model_and_is_checked_on_load() {
+    use rand::SeedableRng;
+    use repro::nn::flow::{CouplingKind, Permutation, RevNetConfig};
+    use repro::nn::model::ModelConfig;
+    use repro::nn::HasParams;
+    let dev = device();
+    let config = ModelConfig::Firevnet(RevNetConfig {
+        in_channels: 3,
+        size: 32,
+        levels: 3,
+        steps: 2,
+        hidden: 4,
+        coupling: CouplingKind::Affine,
+        permutation: Permutation::Shuffle,
+        dropout: 0.1,
+        classes: 10,
+        permutation_seed: 7,
+        logit_batchnorm: true,
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let model = Model::new(&dev, &config, &mut rng);
+    let bytes = model.to_safetensors(Default::default()).unwrap();
+    let meta = repro::nn::io::metadata(&bytes).unwrap();
+    assert_eq!(meta["schema"], repro::nn::describe::SCHEMA);
+    let Model::RevNet(flow) = &model else {
+        unreachable!()
+    };
+    let permutations: serde_json::Value = serde_json::from_str(&meta["permutations"]).unwrap();
+    for (l, level) in flow.levels.iter().enumerate() {
+        let spatial = level.side * level.side;
+        for (k, step) in level.steps.iter().enumerate() {
+            let order: Vec<usize> =
+                serde_json::from_value(permutations[format!("level{l}.step{k}")].clone()).unwrap();
+            let rows: Vec<usize> = order
+                .iter()
+                .flat_map(|&c| (0..spatial).map(move |s| c * spatial + s))
+                .collect();
+            assert_eq!(rows, step.permutation.source, "level{l}.step{k}");
+        }
+    }
+    let latent: serde_json::Value = serde_json::from_str(&meta["latent"]).unwrap();
+    let indices: Vec<usize> = serde_json::from_value(latent["z_s"]["indices"].clone()).unwrap();
+    assert_eq!(indices, flow.logit_indices());
+    let architecture: serde_json::Value = serde_json::from_str(&meta["architecture"]).unwrap();
+    let net = &architecture["levels"][0]["coupling"]["net"];
+    for (i, conv) in [(0, "conv1"), (3, "conv2"), (7, "conv3")] {
+        assert_eq!(net[i]["name"], conv);
+        let has_bias = model
+            .params()
+            .iter()
+            .any(|p| p.name == format!("level0.step0.coupling.{conv}.bias"));
+        assert_eq!(net[i]["bias"], has_bias, "{conv}");
+    }
+    // Equal weights are equal bytes: the header is canonical.
+    assert!(bytes == model.to_safetensors(Default::default()).unwrap());
+    assert!(Model::from_safetensors(&dev, &bytes).is_ok());
+
+    // A description that is not the one the config builds is refused.
+    let mut tampered: std::collections::HashMap<String, String> = meta.clone();
+    let mut p = permutations.clone();
+    p["level0.step0"] = serde_json::json!((0..12).collect::<Vec<usize>>());
+    tampered.insert("permutations".into(), p.to_string());
+    let bytes = repro::nn::io::save(&model.state(), tampered).unwrap();
+    let err = Model::from_safetensors(&dev, &bytes).err().unwrap();
+    assert!(format!("{err:#}").contains("permutations"), "{err:#}");
+}
