@@ -10,6 +10,9 @@
 # the PyTorch side, e.g.:
 #
 #   if PY=$(bash bench/pytorch_env.sh | tail -n1); then ...; else echo "skipping PyTorch"; fi
+#
+# With REPRO_TORCH_CHECK_ONLY=1 it installs nothing: it prints the python of a venv that
+# already works, or fails at once (tests use this; .ci/run and `just bench` install).
 set -u -o pipefail
 
 VENV="${REPRO_TORCH_VENV:-$HOME/.cache/repro/torch-venv}"
@@ -28,6 +31,10 @@ torch_ok() {
 if torch_ok; then
     echo "$PY"
     exit 0
+fi
+
+if [ "${REPRO_TORCH_CHECK_ONLY:-0}" = 1 ]; then
+    die "no working PyTorch venv at $VENV (REPRO_TORCH_CHECK_ONLY=1: not installing; 'bash bench/pytorch_env.sh' makes one)"
 fi
 
 command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH"

@@ -87,6 +87,20 @@ enum Command {
     },
     /// Build the report stage (and what it needs) and print where it landed.
     Report,
+    /// List a stage's outputs under its current key: store paths, sizes, the key (exit 1 if
+    /// the stage is not built under this profile and `--set`).
+    Show {
+        /// Stage name from pipeline.toml.
+        stage: String,
+    },
+    /// Copy a stage's current outputs into DIR under their output names (hard links where
+    /// possible, made read-only since they share the store's bytes; each file appears whole).
+    Export {
+        /// Stage name from pipeline.toml.
+        stage: String,
+        /// Target directory (created if needed; files of the same names are replaced).
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -223,6 +237,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Gc { keep_runs } => gc(&cli, &registry, *keep_runs),
+        Command::Show { stage } => show(&cli, &registry, &pipeline, stage),
+        Command::Export { stage, dir } => export(&cli, &registry, &pipeline, stage, dir),
     }
 }
 
@@ -249,6 +265,84 @@ fn finish(engine: &Engine, record: RunRecord) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The manifest of `stage`'s current key, or a message on stderr saying it is not built.
+fn current_manifest(engine: &Engine, stage: &str) -> Result<Option<repro::engine::Manifest>> {
+    match engine.current_outputs(stage)? {
+        repro::engine::CurrentOutputs::Built(manifest) => Ok(Some(*manifest)),
+        repro::engine::CurrentOutputs::NotBuilt { key, reasons } => {
+            let profile = &engine.pipeline.profile;
+            let key = key
+                .as_deref()
+                .map_or("its key waits on upstream stages".into(), |k| {
+                    format!("key {k}")
+                });
+            eprintln!("error: stage {stage} is not built under profile {profile} ({key})");
+            for reason in reasons {
+                eprintln!("  {reason}");
+            }
+            eprintln!("`repro --profile {profile} run {stage}` builds it (with the same --set)");
+            Ok(None)
+        }
+    }
+}
+
+fn show(
+    cli: &Cli,
+    registry: &repro::engine::Registry,
+    pipeline: &Pipeline,
+    stage: &str,
+) -> Result<ExitCode> {
+    pipeline.with_ancestors(stage)?;
+    let engine = engine(cli, registry, pipeline, false)?;
+    let Some(manifest) = current_manifest(&engine, stage)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    println!(
+        "{stage} (profile {}, built {} in {:.2} s)",
+        pipeline.profile, manifest.started_utc, manifest.seconds
+    );
+    println!("key {}", manifest.key);
+    for file in engine.output_files(&manifest) {
+        println!(
+            "  {:<24} {:>12} bytes  {}",
+            file.name,
+            file.bytes,
+            file.path.display()
+        );
+    }
+    println!(
+        "  {:<24} {:>12}        {}",
+        "(log)",
+        "",
+        engine.store.object_path(&manifest.log).display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(
+    cli: &Cli,
+    registry: &repro::engine::Registry,
+    pipeline: &Pipeline,
+    stage: &str,
+    dir: &Path,
+) -> Result<ExitCode> {
+    pipeline.with_ancestors(stage)?;
+    let engine = engine(cli, registry, pipeline, false)?;
+    let Some(manifest) = current_manifest(&engine, stage)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    for path in engine.export_outputs(&manifest, dir)? {
+        println!("{}", path.display());
+    }
+    eprintln!(
+        "exported {} output(s) of {stage} (key {}) to {}",
+        manifest.outputs.len(),
+        &manifest.key[..12],
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result<ExitCode> {

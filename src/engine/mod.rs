@@ -9,8 +9,9 @@
 //! Module map: [`params`] (typed, canonically encoded parameters), [`key`] (stage keys),
 //! [`pipeline`] (pipeline.toml + profiles + `--set`), [`stage`] (the trait and the context a
 //! stage runs in), [`store`] (objects, manifests, locks), [`run`] (building and explaining),
-//! [`maintain`] (`verify`, `gc`).
+//! [`maintain`] (`verify`, `gc`), [`export`] (`show`, `export`: a stage's current outputs).
 
+pub mod export;
 pub mod key;
 pub mod maintain;
 pub mod params;
@@ -20,6 +21,7 @@ pub mod stage;
 pub mod store;
 
 pub use key::{ExecFacts, HashedInput, KeyFields};
+pub use export::{CurrentOutputs, OutputFile};
 pub use params::{
     at_least, deserialize_params, non_negative, positive, probability, split_prefixed, Limit,
     NoParams, Param, ParamError, Params, StageParams, TypedParams,

@@ -27,9 +27,9 @@ pub struct CnnConfig {
     pub classes: usize,
 }
 
-struct ResBlock {
-    conv1: Conv2d,
-    conv2: Conv2d,
+pub(super) struct ResBlock {
+    pub(super) conv1: Conv2d,
+    pub(super) conv2: Conv2d,
 }
 
 impl ResBlock {
@@ -43,13 +43,13 @@ impl ResBlock {
 /// The classifier.
 pub struct SmallCnn {
     pub config: CnnConfig,
-    stem: Conv2d,
-    block1: ResBlock,
-    down1: Conv2d,
-    block2: ResBlock,
-    down2: Conv2d,
-    hidden: Linear,
-    head: Linear,
+    pub(super) stem: Conv2d,
+    pub(super) block1: ResBlock,
+    pub(super) down1: Conv2d,
+    pub(super) block2: ResBlock,
+    pub(super) down2: Conv2d,
+    pub(super) hidden: Linear,
+    pub(super) head: Linear,
 }
 
 impl SmallCnn {

@@ -20,6 +20,13 @@ use super::channel::affine_per_channel;
 use super::ops::{add_per_channel, dropout, mul_per_channel, taped, Conv2d, RowMap};
 use super::{Dev, HasParams, Param, Tp, T1, T2};
 
+/// The affine coupling's scale is `sigmoid(s + AFFINE_SCALE_OFFSET)` (Glow's `+ 2`: the
+/// scale starts near 0.88, not 0.5).
+pub const AFFINE_SCALE_OFFSET: f32 = 2.0;
+
+/// A zero conv's output is scaled per channel by `exp(ZERO_CONV_LOGS_FACTOR · logs)`.
+pub const ZERO_CONV_LOGS_FACTOR: f32 = 3.0;
+
 /// Additive `y_b = x_b + t(x_a)` or affine `y_b = (x_b + t(x_a))·σ(s(x_a) + 2)` coupling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,8 +76,9 @@ pub struct LogitBatchNorm {
     pub running_var: Param,
 }
 
-const BN_EPS: f32 = 1e-5;
-const BN_MOMENTUM: f32 = 0.1;
+/// The logit BatchNorm's epsilon and running-average momentum (PyTorch's defaults).
+pub const BN_EPS: f32 = 1e-5;
+pub const BN_MOMENTUM: f32 = 0.1;
 
 impl LogitBatchNorm {
     fn new(dev: &Dev, classes: usize) -> LogitBatchNorm {
@@ -230,7 +238,12 @@ impl ZeroConv {
 
     pub fn forward<T: Tp>(&self, x: T2<T>, h: usize, w: usize) -> T2<T> {
         let (y, _, _) = self.conv.forward(x, h, w);
-        affine_per_channel(y, None, Some((&self.logs, 3.0)), self.conv.c_out)
+        affine_per_channel(
+            y,
+            None,
+            Some((&self.logs, ZERO_CONV_LOGS_FACTOR)),
+            self.conv.c_out,
+        )
     }
 }
 
@@ -367,7 +380,7 @@ impl FlowStep {
             CouplingKind::Affine => {
                 let half = rows - split;
                 let shift = t.with_empty_tape().slice((0..half, ..));
-                let scale = (t.slice((half.., ..)) + 2.0).sigmoid();
+                let scale = (t.slice((half.., ..)) + AFFINE_SCALE_OFFSET).sigmoid();
                 logdet = logdet + scale.with_empty_tape().ln().sum::<(usize,), Axis<0>>();
                 (xb + shift) * scale
             }
@@ -386,7 +399,7 @@ impl FlowStep {
             CouplingKind::Affine => {
                 let half = rows - split;
                 let shift = t.clone().slice((0..half, ..));
-                let scale = (t.slice((half.., ..)) + 2.0).sigmoid();
+                let scale = (t.slice((half.., ..)) + AFFINE_SCALE_OFFSET).sigmoid();
                 yb / scale - shift
             }
         };

@@ -12,6 +12,10 @@ use super::{Dev, T2};
 
 pub const SIDE: usize = 28;
 pub const PADDED: usize = 32;
+/// Zero padding on each side of the 28×28 image in fi-RevNet inputs.
+pub const PAD: usize = (PADDED - SIDE) / 2;
+/// A pixel k (0..=255) becomes k / DIVISOR before any other map (both models).
+pub const DIVISOR: f32 = 256.0;
 
 /// `(channels·32·32, B)` for the examples `batch` of `images (N·28·28)`. With `noise`, every
 /// entry (padding included) gets its own U(0, 1/256) draw before scaling to [−1, 1].
@@ -29,8 +33,8 @@ pub fn revnet_input(
         let image = &images[n * SIDE * SIDE..(n + 1) * SIDE * SIDE];
         for y in 0..SIDE {
             for c in 0..SIDE {
-                let row = (channels - 1) * PADDED * PADDED + (y + 2) * PADDED + c + 2;
-                x[row * b + col] = image[y * SIDE + c] as f32 / 256.0;
+                let row = (channels - 1) * PADDED * PADDED + (y + PAD) * PADDED + c + PAD;
+                x[row * b + col] = image[y * SIDE + c] as f32 / DIVISOR;
             }
         }
     }
@@ -38,7 +42,7 @@ pub fn revnet_input(
         let u = *v
             + noise
                 .as_deref_mut()
-                .map_or(0.0, |rng| rng.gen::<f32>() / 256.0);
+                .map_or(0.0, |rng| rng.gen::<f32>() / DIVISOR);
         *v = 2.0 * u - 1.0;
     }
     dev.tensor_from_vec(x, (rows, b))
@@ -53,7 +57,7 @@ pub fn cnn_input(dev: &Dev, images: &[u8], batch: &[usize]) -> T2 {
             .iter()
             .enumerate()
         {
-            x[row * b + col] = v as f32 / 256.0;
+            x[row * b + col] = v as f32 / DIVISOR;
         }
     }
     dev.tensor_from_vec(x, (SIDE * SIDE, b))

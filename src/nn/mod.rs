@@ -7,9 +7,11 @@
 //! permutation is a row permutation, a channel split is a row slice, the logits are 10 rows.
 //!
 //! **Weights files** (safetensors, [`io`]) are self-describing: the model config is JSON in the
-//! metadata under `config`, and tensor names follow the module tree in PyTorch's conventions,
-//! e.g. `level0.step3.coupling.conv1.weight` with shape `(O, C, k, k)`, `….conv3.bias` `(O,)`
-//! (a conv without bias, like the coupling's `conv1` and `conv2`, has no `.bias` tensor),
+//! metadata under `config`, next to a full description ([`describe`]: input encoding, every
+//! layer with its formula and constants, latent order, permutations), and tensor names follow
+//! the module tree in PyTorch's conventions, e.g. `level0.step3.coupling.conv1.weight` with
+//! shape `(O, C, k, k)`, `….conv3.bias` `(O,)` (a conv without bias, like the coupling's
+//! `conv1` and `conv2`, has no `.bias` tensor),
 //! `level0.step3.actnorm.bias` / `.logs` `(C,)`, `level0.split.prior.weight`. A reader in
 //! another framework can rebuild the model from the file alone.
 //!
@@ -23,6 +25,7 @@
 pub mod channel;
 pub mod cnn;
 pub mod conv;
+pub mod describe;
 pub mod flow;
 pub mod gather;
 pub mod ice;

@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::cnn::{CnnConfig, SmallCnn};
 use super::flow::{FiRevNet, RevNetConfig};
-use super::{io, Dev, HasParams, Param, T2};
+use super::{describe, io, Dev, HasParams, Param, T2};
 
 /// Which model and its architecture, as stored in weights files under `config`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,10 +49,13 @@ impl Model {
         }
     }
 
-    /// The weights file: parameters plus `config` (and any extra metadata).
+    /// The weights file: parameters plus `config`, the full description of the model
+    /// ([`describe`]: input encoding, layers, latent order, permutations) and any extra
+    /// metadata.
     pub fn to_safetensors(&self, mut metadata: HashMap<String, String>) -> Result<Vec<u8>> {
         metadata.insert("config".into(), serde_json::to_string(&self.config())?);
         metadata.insert("format".into(), "pt".into());
+        metadata.extend(describe::metadata(self));
         io::save(&self.state(), metadata)
     }
 
@@ -66,6 +69,15 @@ impl Model {
             serde_json::from_str(config).context("weights file `config` metadata")?;
         // Initial values are overwritten by the file; the generator only has to exist.
         let mut model = Model::new(dev, &config, &mut super::rng_for(0, "placeholder"));
+        // A description that is there must be the one the config builds (older files lack it).
+        for (key, value) in describe::metadata(&model) {
+            if let Some(stored) = meta.get(&key) {
+                ensure!(
+                    *stored == value,
+                    "weights file metadata `{key}` does not describe the model its `config` builds"
+                );
+            }
+        }
         io::load_into(dev, &mut model, bytes)?;
         Ok(model)
     }

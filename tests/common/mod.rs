@@ -1,0 +1,82 @@
+//! What the end-to-end tests of `show`/`export` and PyTorch interop share: a scratch copy of
+//! the repository's `pipeline/` and `paper/` with its own store, and the `repro` binary run in
+//! it (tests/cli.rs has its own copy of the same helper).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        copy_dir(&repo.join("pipeline"), &dir.path().join("pipeline"));
+        copy_dir(&repo.join("paper"), &dir.path().join("paper"));
+        Sandbox { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `repro` with the `smoke` profile unless the arguments name one.
+    pub fn repro(&self, args: &[&str]) -> Output {
+        let mut full: Vec<&str> = Vec::new();
+        if !args.contains(&"--profile") {
+            full.extend(["--profile", "smoke"]);
+        }
+        full.extend(args);
+        let out = Command::new(env!("CARGO_BIN_EXE_repro"))
+            .args(&full)
+            .current_dir(self.dir.path())
+            .env_remove("REPRO_STORE")
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ repro {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Runs `repro` and requires success; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.repro(args);
+        assert!(out.status.success(), "repro {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The manifest the store's ref for `stage` names (its last build).
+    pub fn last_manifest(&self, stage: &str) -> serde_json::Value {
+        let key =
+            std::fs::read_to_string(self.path(&format!("artifacts/store/refs/{stage}"))).unwrap();
+        serde_json::from_slice(
+            &std::fs::read(self.path(&format!("artifacts/store/manifests/{key}.json"))).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
