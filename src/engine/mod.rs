@@ -20,8 +20,8 @@ pub mod run;
 pub mod stage;
 pub mod store;
 
-pub use key::{ExecFacts, HashedInput, KeyFields};
 pub use export::{CurrentOutputs, OutputFile};
+pub use key::{ExecFacts, HashedInput, KeyFields};
 pub use params::{
     at_least, deserialize_params, non_negative, positive, probability, split_prefixed, Limit,
     NoParams, Param, ParamError, Params, StageParams, TypedParams,
