@@ -1,89 +1,13 @@
 //! The `repro` binary end to end on the real pipeline (copied into a scratch directory with
 //! `paper/`): no-op reruns, what reruns after which edit, bad input, corruption, skips.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+use std::process::Command;
+
+use common::{stderr, Sandbox};
 use serde_json::Value;
-
-/// A scratch copy of the repository's `pipeline/` and `paper/`, with its own store.
-struct Sandbox {
-    dir: tempfile::TempDir,
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
-}
-
-impl Sandbox {
-    fn new() -> Sandbox {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        copy_dir(&repo.join("pipeline"), &dir.path().join("pipeline"));
-        copy_dir(&repo.join("paper"), &dir.path().join("paper"));
-        Sandbox { dir }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    /// Runs `repro` with the `smoke` profile unless the arguments name one.
-    fn repro(&self, args: &[&str]) -> Output {
-        let mut full: Vec<&str> = Vec::new();
-        if !args.contains(&"--profile") {
-            full.extend(["--profile", "smoke"]);
-        }
-        full.extend(args);
-        let out = Command::new(env!("CARGO_BIN_EXE_repro"))
-            .args(&full)
-            .current_dir(self.dir.path())
-            .env_remove("REPRO_STORE")
-            .output()
-            .unwrap();
-        eprintln!(
-            "$ repro {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// Runs and returns the newest run record.
-    fn run(&self, args: &[&str]) -> Value {
-        let out = self.repro(args);
-        assert!(out.status.success(), "repro {args:?} failed");
-        self.last_record()
-    }
-
-    fn last_record(&self) -> Value {
-        let mut runs: Vec<PathBuf> = std::fs::read_dir(self.path("artifacts/runs"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        runs.sort();
-        serde_json::from_slice(&std::fs::read(runs.last().unwrap()).unwrap()).unwrap()
-    }
-
-    fn manifest(&self, stage: &str) -> Value {
-        let key =
-            std::fs::read_to_string(self.path(&format!("artifacts/store/refs/{stage}"))).unwrap();
-        serde_json::from_slice(
-            &std::fs::read(self.path(&format!("artifacts/store/manifests/{key}.json"))).unwrap(),
-        )
-        .unwrap()
-    }
-}
 
 fn outcome(record: &Value, stage: &str) -> String {
     record["stages"]
@@ -95,10 +19,6 @@ fn outcome(record: &Value, stage: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -228,7 +148,7 @@ fn editing_a_report_template_reruns_only_the_report() {
 fn reading_mnist_from_idx_files_reruns_data_and_dependants_with_identical_arrays() {
     let sb = Sandbox::new();
     sb.run(&["reproduce"]);
-    let before = sb.manifest("mnist");
+    let before = sb.last_manifest("mnist");
     // Write the canonical arrays back out as IDX files, then point the stage at them.
     let idx_dir = sb.path("idx");
     std::fs::create_dir_all(&idx_dir).unwrap();
@@ -263,7 +183,7 @@ fn reading_mnist_from_idx_files_reruns_data_and_dependants_with_identical_arrays
         "ran",
         "the report shows the new source"
     );
-    let after = sb.manifest("mnist");
+    let after = sb.last_manifest("mnist");
     for npy in [
         "train_images.npy",
         "train_labels.npy",
@@ -388,7 +308,7 @@ fn absent_fashion_mnist_is_skipped_with_the_install_hint_and_the_report_still_re
 fn verify_names_a_corrupt_object_and_its_stage_and_repair_rebuilds_it() {
     let sb = Sandbox::new();
     sb.run(&["reproduce"]);
-    let summary = sb.manifest("mnist")["outputs"]["summary.json"]["hash"]
+    let summary = sb.last_manifest("mnist")["outputs"]["summary.json"]["hash"]
         .as_str()
         .unwrap()
         .to_string();
@@ -495,6 +415,8 @@ fn every_command_has_help() {
         "verify",
         "gc",
         "report",
+        "show",
+        "export",
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_repro"))
             .args([command, "--help"])

@@ -219,7 +219,8 @@ impl Repo {
         self.root.join("artifacts/store")
     }
 
-    fn pipeline(&self, sets: &[&str]) -> Pipeline {
+    /// Loads the pipeline with the `test` profile and `sets`.
+    fn load(&self, sets: &[&str]) -> Result<Pipeline, repro::engine::ConfigError> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         Pipeline::load(
             &self.root.join("pipeline/pipeline.toml"),
@@ -227,7 +228,10 @@ impl Repo {
             &sets,
             &registry(),
         )
-        .unwrap()
+    }
+
+    fn pipeline(&self, sets: &[&str]) -> Pipeline {
+        self.load(sets).unwrap()
     }
 
     fn run_with(&self, sets: &[&str], repair: bool) -> RunRecord {
@@ -273,6 +277,18 @@ impl Repo {
             .read_verified(&manifest.outputs[name].hash, name)
             .unwrap()
     }
+}
+
+/// Whether the store's `tmp/` holds no staging directory (a stage's private scratch).
+fn no_staging_left(repo: &Repo) -> bool {
+    std::fs::read_dir(repo.store_dir().join("tmp"))
+        .unwrap()
+        .all(|e| {
+            !e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("stage-")
+        })
 }
 
 fn outcomes(record: &RunRecord) -> Vec<(String, Outcome)> {
@@ -418,13 +434,7 @@ inputs = ["flaky?"]
     assert!(store.last_manifest("flaky").unwrap().is_none());
     // Only optional_reader's output and log entered the store; nothing of flaky's.
     assert_eq!(store.manifests().unwrap().len(), 1);
-    assert!(std::fs::read_dir(repo.store_dir().join("tmp"))
-        .unwrap()
-        .all(|e| !e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with("stage-")));
+    assert!(no_staging_left(&repo));
 
     let skipped = repo.run(&["flaky.mode=skip"]);
     assert_eq!(outcome(&skipped, "flaky"), Outcome::Skipped);
@@ -475,27 +485,13 @@ fn a_panicking_stage_fails_with_its_message_its_dependants_are_skipped_and_the_r
     let store = Store::open(&repo.store_dir()).unwrap();
     assert!(store.last_manifest("flaky").unwrap().is_none());
     assert!(maintain::verify(&store).unwrap().is_empty());
-    assert!(std::fs::read_dir(repo.store_dir().join("tmp"))
-        .unwrap()
-        .all(|e| !e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with("stage-")));
+    assert!(no_staging_left(&repo));
 }
 
 #[test]
 fn a_bad_param_value_is_a_config_error_at_load_naming_where_it_was_set() {
     let repo = Repo::new(FLAKY_PIPELINE);
-    let load = |sets: &[&str]| {
-        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        Pipeline::load(
-            &repo.root.join("pipeline/pipeline.toml"),
-            "test",
-            &sets,
-            &registry(),
-        )
-    };
+    let load = |sets: &[&str]| repo.load(sets);
     // An unknown enum value from --set: named, with the allowed values.
     let err = load(&["flaky.mode=explode"]).unwrap_err();
     assert_eq!(err.location, "--set flaky.mode=explode");
@@ -682,15 +678,7 @@ fn pipeline_mistakes_are_config_errors_with_file_and_location() {
         );
     }
     let repo = Repo::new(PIPELINE);
-    let load = |sets: &[&str]| {
-        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        Pipeline::load(
-            &repo.root.join("pipeline/pipeline.toml"),
-            "test",
-            &sets,
-            &registry(),
-        )
-    };
+    let load = |sets: &[&str]| repo.load(sets);
     let err = load(&["source.txt=1"]).unwrap_err();
     assert!(
         err.to_string()
@@ -912,13 +900,7 @@ fn kill_9_mid_stage_leaves_nothing_half_written_and_the_rerun_resumes_from_its_c
     )
     .unwrap();
     assert_eq!(report.objects_removed, 0);
-    assert!(std::fs::read_dir(repo.store_dir().join("tmp"))
-        .unwrap()
-        .all(|e| !e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with("stage-")));
+    assert!(no_staging_left(&repo));
 }
 
 #[test]

@@ -27,20 +27,6 @@ fn listing(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn show_and_export_have_help() {
-    for command in ["show", "export"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_repro"))
-            .args([command, "--help"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Usage"),
-            "{command}"
-        );
-    }
-}
-
-#[test]
 fn show_lists_the_current_outputs_and_export_copies_them_whole() {
     let sb = Sandbox::new();
 

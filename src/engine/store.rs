@@ -248,12 +248,7 @@ impl Store {
     /// Returns whether we had to wait (then the other process has probably built it).
     pub fn lock(&self, key: &str) -> Result<(KeyLock, bool)> {
         let path = self.root.join("locks").join(format!("{key}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening lock {}", path.display()))?;
+        let file = open_lock_file(&path)?;
         let waited = match file.try_lock() {
             Ok(()) => false,
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -268,53 +263,46 @@ impl Store {
         Ok((KeyLock { _file: file }, waited))
     }
 
-    fn store_lock_file(&self) -> Result<File> {
+    /// Takes `store.lock`, shared or exclusive, waiting (with a message) while the other kind
+    /// holds it.
+    fn lock_store(&self, exclusive: bool) -> Result<StoreLock> {
         let path = self.root.join("store.lock");
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening lock {}", path.display()))
+        let file = open_lock_file(&path)?;
+        let tried = if exclusive {
+            file.try_lock()
+        } else {
+            file.try_lock_shared()
+        };
+        match tried {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if exclusive {
+                    tracing::info!(
+                        "waiting for the builds using {} to finish",
+                        self.root.display()
+                    );
+                    file.lock()
+                } else {
+                    tracing::info!("waiting for `gc` to finish with {}", self.root.display());
+                    file.lock_shared()
+                }
+                .with_context(|| format!("locking {}", path.display()))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+        Ok(StoreLock { _file: file })
     }
 
     /// Marks the store as in use by a build (many at once); waits while `gc` runs.
     pub fn lock_shared(&self) -> Result<StoreLock> {
-        let file = self.store_lock_file()?;
-        match file.try_lock_shared() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tracing::info!("waiting for `gc` to finish with {}", self.root.display());
-                file.lock_shared()
-                    .with_context(|| format!("locking {}/store.lock", self.root.display()))?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e)
-                    .with_context(|| format!("locking {}/store.lock", self.root.display()))
-            }
-        }
-        Ok(StoreLock { _file: file })
+        self.lock_store(false)
     }
 
     /// Takes the store alone (for `gc`): waits until no build uses it.
     pub fn lock_exclusive(&self) -> Result<StoreLock> {
-        let file = self.store_lock_file()?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tracing::info!(
-                    "waiting for the builds using {} to finish",
-                    self.root.display()
-                );
-                file.lock()
-                    .with_context(|| format!("locking {}/store.lock", self.root.display()))?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e)
-                    .with_context(|| format!("locking {}/store.lock", self.root.display()))
-            }
-        }
-        Ok(StoreLock { _file: file })
+        self.lock_store(true)
     }
 
     /// Removes scratch whose process is gone: staging directories and half-written files under
@@ -347,6 +335,16 @@ impl Store {
             .join("tmp")
             .join(format!("{what}-{}-{n}", std::process::id()))
     }
+}
+
+/// Opens (creating) a file that is only ever locked, never written.
+fn open_lock_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening lock {}", path.display()))
 }
 
 /// The process that made a `tmp/` entry, from its name `<what>-[<key>-]<pid>-<n>`.

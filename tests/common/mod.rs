@@ -1,6 +1,5 @@
-//! What the end-to-end tests of `show`/`export` and PyTorch interop share: a scratch copy of
-//! the repository's `pipeline/` and `paper/` with its own store, and the `repro` binary run in
-//! it (tests/cli.rs has its own copy of the same helper).
+//! What the end-to-end tests (cli, show/export, PyTorch interop) share: a scratch copy of the
+//! repository's `pipeline/` and `paper/` with its own store, and the `repro` binary run in it.
 
 #![allow(dead_code)]
 
@@ -64,6 +63,23 @@ impl Sandbox {
         let out = self.repro(args);
         assert!(out.status.success(), "repro {args:?} failed");
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and returns the newest run record.
+    pub fn run(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.repro(args);
+        assert!(out.status.success(), "repro {args:?} failed");
+        self.last_record()
+    }
+
+    /// The newest run record under `artifacts/runs/`.
+    pub fn last_record(&self) -> serde_json::Value {
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(self.path("artifacts/runs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        runs.sort();
+        serde_json::from_slice(&std::fs::read(runs.last().unwrap()).unwrap()).unwrap()
     }
 
     /// The manifest the store's ref for `stage` names (its last build).
