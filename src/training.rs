@@ -224,8 +224,8 @@ impl TrainParams {
                 _ => 0.0,
             },
             dequantize: is_revnet && self.dequantize.expect(CHECKED),
-            train_limit: self.train_limit.raw(),
-            test_limit: self.test_limit.raw(),
+            train_limit: self.train_limit,
+            test_limit: self.test_limit,
             ice: (self.objective == Objective::Ice).then(|| self.ice_settings()),
         }
     }

@@ -76,8 +76,8 @@ fn settings(ice: Option<IceSettings>) -> TrainSettings {
         seed: 4,
         nll_weight: 0.0,
         dequantize: true,
-        train_limit: 0,
-        test_limit: 0,
+        train_limit: repro::engine::Limit::ALL,
+        test_limit: repro::engine::Limit::ALL,
         ice,
     }
 }

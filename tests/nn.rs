@@ -869,8 +869,8 @@ fn tiny_settings(epochs: usize) -> TrainSettings {
         seed: 3,
         nll_weight: 0.5,
         dequantize: true,
-        train_limit: 0,
-        test_limit: 0,
+        train_limit: repro::engine::Limit::ALL,
+        test_limit: repro::engine::Limit::ALL,
         ice: None,
     }
 }

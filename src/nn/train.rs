@@ -19,6 +19,7 @@ use super::model::Model;
 use super::objective::{cnn_step, revnet_ce_step, StepStats};
 use super::optim::{Optimizer, OptimizerKind};
 use super::{io, rng_for, Dev, HasParams};
+use crate::engine::Limit;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSettings {
@@ -35,8 +36,8 @@ pub struct TrainSettings {
     /// Uniform dequantisation noise on fi-RevNet inputs.
     pub dequantize: bool,
     /// Examples used (0 = all), for small profiles.
-    pub train_limit: usize,
-    pub test_limit: usize,
+    pub train_limit: Limit,
+    pub test_limit: Limit,
     /// The iCE objective's settings (fi-RevNet only); `None` = the CE objective.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ice: Option<IceSettings>,
@@ -73,14 +74,6 @@ pub struct Trainer {
     pub history: Vec<EpochMetrics>,
     /// The adversary and learned prior of an iCE run.
     pub ice: Option<IceState>,
-}
-
-fn limit(n: usize, limit: usize) -> usize {
-    if limit == 0 {
-        n
-    } else {
-        n.min(limit)
-    }
 }
 
 /// Prepared input for examples `batch` of `images`.
@@ -125,7 +118,7 @@ impl Trainer {
     /// training images (the authors' choice).
     pub fn new(dev: &Dev, mut model: Model, settings: TrainSettings, data: &Arrays) -> Trainer {
         if let Model::RevNet(m) = &mut model {
-            let n = limit(data.train_labels.len(), settings.train_limit);
+            let n = settings.train_limit.of(data.train_labels.len());
             let mut order: Vec<usize> = (0..n).collect();
             order.shuffle(&mut rng_for(settings.seed, "actnorm-init"));
             order.truncate(512);
@@ -171,7 +164,7 @@ impl Trainer {
     pub fn run_epoch(&mut self, dev: &Dev, data: &Arrays, progress: &dyn Fn(u64)) -> EpochMetrics {
         let epoch = self.history.len();
         let s = &self.settings;
-        let n = limit(data.train_labels.len(), s.train_limit);
+        let n = s.train_limit.of(data.train_labels.len());
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng_for(s.seed, &format!("shuffle/{epoch}")));
         let mut noise = rng_for(s.seed, &format!("dequantize/{epoch}"));
@@ -226,7 +219,7 @@ impl Trainer {
             seen += batch.len();
             progress(step as u64 + 1);
         }
-        let test_n = limit(data.test_labels.len(), s.test_limit);
+        let test_n = s.test_limit.of(data.test_labels.len());
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             lr,
@@ -254,8 +247,10 @@ impl Trainer {
     }
 
     pub fn steps_per_epoch(&self, data: &Arrays) -> u64 {
-        limit(data.train_labels.len(), self.settings.train_limit).div_ceil(self.settings.batch_size)
-            as u64
+        self.settings
+            .train_limit
+            .of(data.train_labels.len())
+            .div_ceil(self.settings.batch_size) as u64
     }
 
     /// Weights, optimiser state and history in one safetensors file.
