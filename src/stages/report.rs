@@ -341,7 +341,11 @@ impl StageKind for Report {
                 if field.is_empty() {
                     return Ok("not measured".into());
                 }
+                if row.stage.is_empty() {
+                    return Ok("quoted".into());
+                }
                 if !ran {
+                    // The row's cells say "not run" (the stage is not in this profile).
                     return Ok("—".into());
                 }
                 let name = format!("{}.{field}", row.stage);
