@@ -34,8 +34,8 @@ use serde::Deserialize;
 
 use crate::data::Arrays;
 use crate::engine::{
-    deserialize_params, Finished, Limit, ParamError, Params, StageContext, StageKind, StageParams,
-    TypedParams,
+    deserialize_params, split_prefixed, Finished, Limit, ParamError, Params, StageContext,
+    StageKind, StageParams,
 };
 use crate::nn::model::Model;
 use crate::nn::nuisance::{latent_views, train_probe, Features, Probe, ProbeSettings};
@@ -53,25 +53,22 @@ pub struct ProbeStageParams {
     test_limit: Limit,
 }
 
+/// The stage's own params, `test_*` (the rest are the probe's).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TestLimit {
-    test_limit: Limit,
+struct TestParams {
+    limit: Limit,
 }
 
 impl StageParams for ProbeStageParams {
     fn from_params(params: &Params) -> Result<Self, ParamError> {
-        let mut probe = params.clone();
-        let test_limit = probe.remove("test_limit");
-        let TestLimit { test_limit } = deserialize_params(
-            &test_limit
-                .map(|v| ("test_limit".to_string(), v))
-                .into_iter()
-                .collect(),
-        )?;
-        let probe: ProbeParams = deserialize_params(&probe)?;
-        probe.check()?;
-        Ok(ProbeStageParams { probe, test_limit })
+        let (test, probe) = split_prefixed(params, "test_");
+        let test: TestParams = deserialize_params(&test)
+            .map_err(|e| ParamError::new(format!("test_{}", e.param), e.message))?;
+        Ok(ProbeStageParams {
+            probe: ProbeParams::from_params(&probe)?,
+            test_limit: test.limit,
+        })
     }
 }
 
