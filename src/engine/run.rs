@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::key::{ExecFacts, HashedInput, KeyFields, KEY_SCHEMA_VERSION};
 use super::pipeline::{Pipeline, Stage};
 use super::stage::{files_under, Finished, Registry, ResolvedInput, StageContext};
-use super::store::{atomic_write, hash_file, sha256_hex, Manifest, Store};
+use super::store::{atomic_write, hash_file, sha256_hex, write_synced, Manifest, Store};
 
 /// How one stage went in a run. The names are a public format (outside checks parse them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,16 +182,16 @@ impl<'a> Engine<'a> {
         // Builds share the store; `gc` takes it alone, so it never deletes an object that a
         // build has published but not yet named in a manifest.
         let _in_use = self.store.lock_shared()?;
-        let started_utc = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let record = RunRecord {
+            profile: self.pipeline.profile.clone(),
+            command: command.to_string(),
+            started_utc: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            stages: Vec::new(),
+        };
         let journal = Arc::new(Journal {
             state: Mutex::new(JournalState {
-                record: RunRecord {
-                    profile: self.pipeline.profile.clone(),
-                    command: command.to_string(),
-                    started_utc: started_utc.clone(),
-                    stages: Vec::new(),
-                },
-                path: self.run_record_path(&started_utc)?,
+                path: self.create_run_record(&record)?,
+                record,
                 tmp_dir: self.store.root().join("tmp"),
                 in_flight: None,
             }),
@@ -613,17 +613,39 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// Where this run's record goes: `runs/<UTC timestamp>.json` (with the pid if taken).
-    fn run_record_path(&self, started_utc: &str) -> Result<PathBuf> {
+    /// Creates this run's record, `runs/<UTC timestamp>.json` (with the pid if another run
+    /// started in the same microsecond), holding `record`; returns its path. The file appears
+    /// whole and is never shared: it is hard-linked into place, which fails if the name is taken.
+    fn create_run_record(&self, record: &RunRecord) -> Result<PathBuf> {
         let dir = self.artifacts_dir().join("runs");
         fs::create_dir_all(&dir)?;
-        let stamp = started_utc.replace([':', '-'], "");
-        let path = dir.join(format!("{stamp}.json"));
-        Ok(if path.exists() {
-            dir.join(format!("{stamp}-{}.json", std::process::id()))
-        } else {
-            path
-        })
+        let stamp = record.started_utc.replace([':', '-'], "");
+        let staged = self.store.unique_tmp_path("run");
+        write_synced(&staged, &serde_json::to_vec_pretty(record)?)?;
+        let candidates = [
+            dir.join(format!("{stamp}.json")),
+            dir.join(format!("{stamp}-{}.json", std::process::id())),
+        ];
+        let mut claimed = None;
+        for path in candidates {
+            match std::fs::hard_link(&staged, &path) {
+                Ok(()) => {
+                    claimed = Some(path);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("creating run record {}", path.display()))
+                }
+            }
+        }
+        fs::remove_file(&staged)?;
+        let path = claimed.with_context(|| {
+            format!("run records {}/{stamp}*.json are all taken", dir.display())
+        })?;
+        super::store::sync_dir(&dir)?;
+        Ok(path)
     }
 
     /// Current state of every stage, without building anything.
