@@ -119,7 +119,7 @@ impl Conv2d {
         }
     }
 
-    /// PyTorch's default init, with a bias.
+    /// PyTorch's default init, with a bias (drawn after the weights).
     #[allow(clippy::too_many_arguments)]
     pub fn init(
         dev: &Dev,
@@ -131,16 +131,16 @@ impl Conv2d {
         pad: usize,
         rng: &mut ChaCha8Rng,
     ) -> Conv2d {
+        let mut conv = Conv2d::init_without_bias(dev, name, c_in, c_out, kernel, stride, pad, rng);
         let fan_in = c_in * kernel * kernel;
-        let weight = Param::uniform(
+        conv.bias = Some(Param::uniform(
             dev,
-            format!("{name}.weight"),
-            &[c_out, c_in, kernel, kernel],
+            format!("{name}.bias"),
+            &[c_out],
             fan_in,
             rng,
-        );
-        let bias = Param::uniform(dev, format!("{name}.bias"), &[c_out], fan_in, rng);
-        Conv2d::new(weight, Some(bias), stride, pad)
+        ));
+        conv
     }
 
     /// PyTorch's default init of the weights, and no bias: for a conv followed by an ActNorm,
