@@ -6,13 +6,16 @@
 //!   atomic publishing, explain, verify, gc). Knows nothing about tensors or the paper.
 //! - the paper: [`stages`] (one file per stage kind, each naming the paper section it covers),
 //!   built on [`data`] (dataset readers), [`nn`] (models on dfdx), [`training`] (stage params
-//!   → training settings, the checkpointed loop), [`outputs`] (the JSON contracts between
-//!   stages) and [`report`] (figures, HTML rendering).
+//!   → training settings, the checkpointed loop), [`oracle`] and [`knn`] (the two judges of
+//!   what an image looks like), [`attack`] (feature matching and PGD in image space),
+//!   [`outputs`] (the JSON contracts between stages) and [`report`] (figures, HTML rendering).
 //!
 //! The binary `repro` (src/main.rs) is the command line over both.
 
+pub mod attack;
 pub mod data;
 pub mod engine;
+pub mod knn;
 pub mod nn;
 pub mod oracle;
 pub mod outputs;

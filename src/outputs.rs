@@ -15,6 +15,9 @@
 //! | `probe.json` | `probe` | `report` |
 //! | `interpolation.json` | `interpolate` | `report` |
 //! | `ablation.json` | `ablation` | `report` |
+//! | `knn.json` | `knn` | `attack`, `report` |
+//! | `invariance.json`, `examples.json` | `attack` (feature matching) | `report` |
+//! | `pgd.json`, `examples.json` | `attack` (PGD) | `report` |
 //!
 //! (`summary.json` of the dataset stages is `crate::data::DatasetSummary`.)
 
@@ -176,6 +179,146 @@ pub struct AblationRow {
     pub probe_test_error: f64,
     pub probe_train_error: f64,
     pub probe_bound_bits: f64,
+}
+
+/// `knn.json` of the `knn` stage: the pixel-space judge of attacked images (k nearest
+/// training images by L2 distance, majority vote) and its clean test error in %.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnnResult {
+    pub k: usize,
+    pub n_train: usize,
+    pub n_test: usize,
+    pub test_error: f64,
+}
+
+/// What one judge says about a set of attacked images: the fractions it labels as the source's
+/// class (the attack found an invariance), as the target's (the attack changed the digit) or
+/// as another class.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeFractions {
+    pub source: f64,
+    pub target: f64,
+    pub other: f64,
+}
+
+/// Both judges on one set of attacked images, and how often they give the same label.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Judged {
+    pub n: usize,
+    pub oracle: JudgeFractions,
+    pub knn: JudgeFractions,
+    pub agreement: f64,
+}
+
+/// Mean, median and maximum of a per-example quantity.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spread {
+    pub mean: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+/// `invariance.json` of an `attack` stage with method `feature_matching`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvarianceResult {
+    pub model: ModelConfig,
+    pub pairs: usize,
+    pub steps: usize,
+    pub lr: f64,
+    /// Success: the model's argmax is the target's class and the relative feature distance
+    /// ‖h(x) − h(t)‖² / ‖h(t)‖² is below this.
+    pub success_distance: f64,
+    pub oracle_members: usize,
+    pub knn_k: usize,
+    /// By matched feature: `logits`, `penultimate`.
+    pub features: BTreeMap<String, FeatureMatching>,
+}
+
+/// The feature-matching attack on one feature.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureMatching {
+    pub success_rate: f64,
+    /// Fraction of attacked images the model classifies as the target's class.
+    pub model_says_target: f64,
+    pub relative_distance: Spread,
+    /// Distances of the attacked images to their sources, pixels in [0, 1].
+    pub l2: Spread,
+    pub linf: Spread,
+    /// The judges on every attacked image, and on the successful ones (`null`: none).
+    pub attacked: Judged,
+    pub successful: Option<Judged>,
+}
+
+/// One row of the feature-matching attack's `examples.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvarianceExample {
+    pub feature: String,
+    /// Test indices of the source s (the start) and the target t (whose features are matched).
+    pub source: usize,
+    pub target: usize,
+    pub source_label: u8,
+    pub target_label: u8,
+    pub prediction: u8,
+    pub relative_distance: f64,
+    pub success: bool,
+    pub l2: f64,
+    pub linf: f64,
+    pub oracle: u8,
+    pub knn: u8,
+}
+
+/// `pgd.json` of an `attack` stage with method `pgd`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgdResult {
+    pub model: ModelConfig,
+    pub examples: usize,
+    pub steps: usize,
+    /// Step size = step_factor · ε / steps.
+    pub step_factor: f64,
+    pub clean_accuracy: f64,
+    pub oracle_members: usize,
+    pub knn_k: usize,
+    pub linf: Vec<PgdPoint>,
+    pub l2: Vec<PgdPoint>,
+}
+
+/// Robust accuracy at one ε, and what the judges see on the images the attack broke.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgdPoint {
+    pub epsilon: f64,
+    pub robust_accuracy: f64,
+    /// Examples misclassified at the end of the attack (clean errors included).
+    pub broken: usize,
+    /// On the broken examples' adversarial images (`null`: none broken): the fraction each
+    /// judge still labels with the true class, and the mean distance to the clean image.
+    pub oracle_true: Option<f64>,
+    pub knn_true: Option<f64>,
+    pub mean_l2: Option<f64>,
+    pub mean_linf: Option<f64>,
+}
+
+/// One row of the PGD attack's `examples.json`: one test example at one (norm, ε).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgdExample {
+    pub norm: String,
+    pub epsilon: f64,
+    pub index: usize,
+    pub label: u8,
+    pub prediction: u8,
+    pub l2: f64,
+    pub linf: f64,
+    pub oracle: u8,
+    pub knn: u8,
 }
 
 /// Pretty JSON with keys sorted at every level.

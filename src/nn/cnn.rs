@@ -78,6 +78,17 @@ impl SmallCnn {
 
     /// `x (side·side, B)` in [0, 1] → logits `(classes, B)`.
     pub fn forward<T: Tp>(&self, x: T2<T>) -> T2<T> {
+        self.logits_from_penultimate(self.penultimate(x))
+    }
+
+    /// The head alone: penultimate activations `(128, B)` → logits `(classes, B)`.
+    pub fn logits_from_penultimate<T: Tp>(&self, h: T2<T>) -> T2<T> {
+        self.head.forward(h)
+    }
+
+    /// The penultimate activations `(128, B)`: the ReLU of the hidden linear layer, which the
+    /// head reads (the invariance attack matches them).
+    pub fn penultimate<T: Tp>(&self, x: T2<T>) -> T2<T> {
         let s = self.config.side;
         let (h, _, _) = self.stem.forward(x, s, s);
         let h = self.block1.forward(h.relu(), s);
@@ -86,7 +97,7 @@ impl SmallCnn {
         let (h, s, _) = self.down2.forward(h, s, s);
         assert_eq!(s, 7, "the head expects a 7×7 map (28×28 input)");
         // The row layout is already flat: (2w·7·7, B), channel-major like PyTorch's flatten.
-        self.head.forward(self.hidden.forward(h.relu()).relu())
+        self.hidden.forward(h.relu()).relu()
     }
 }
 

@@ -116,9 +116,10 @@ impl LogitBatchNorm {
         )
     }
 
-    /// Evaluation mode: running statistics.
-    pub fn forward_eval(&self, z: T2) -> T2 {
-        let k = z.shape().0;
+    /// Evaluation mode: running statistics, as a per-class affine map (on any tape, so that an
+    /// attack can differentiate the scores with respect to the input).
+    pub fn forward_eval<T: Tp>(&self, z: T2<T>) -> T2<T> {
+        let (k, b) = *z.shape();
         let dev = z.device().clone();
         let (rm, rv) = (
             self.running_mean.value.as_vec(),
@@ -129,7 +130,8 @@ impl LogitBatchNorm {
         let shift: Vec<f32> = (0..k).map(|c| bias[c] - rm[c] * scale[c]).collect();
         let scale: T1 = dev.tensor_from_vec(scale, (k,));
         let shift: T1 = dev.tensor_from_vec(shift, (k,));
-        add_per_channel(mul_per_channel(z, scale, k), shift, k)
+        // The activation on the left: dfdx keeps the tape of the left operand.
+        z * scale.broadcast_like::<_, Axis<1>>(&(k, b)) + shift.broadcast_like::<_, Axis<1>>(&(k, b))
     }
 
     /// Moves the running statistics towards a batch's.
@@ -646,7 +648,7 @@ impl FiRevNet {
     }
 
     /// Class scores in evaluation mode: the logits, through the logit BatchNorm if any.
-    pub fn scores(&self, z: T2) -> T2 {
+    pub fn scores<T: Tp>(&self, z: T2<T>) -> T2<T> {
         let logits = self.logits(z);
         match &self.logit_bn {
             Some(bn) => bn.forward_eval(logits),

@@ -31,6 +31,27 @@ pub fn line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -
     plot(title, x_label, y_label, series, true)
 }
 
+/// Several line plots side by side in one SVG (one panel per title, each with its own axes):
+/// e.g. robust accuracy against ε under L∞ and under L2, whose ε scales differ.
+pub fn line_plot_panels(x_label: &str, y_label: &str, panels: &[(String, Vec<Series>)]) -> String {
+    let (width, height) = (560.0, 340.0);
+    let total = width * panels.len().max(1) as f64;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{total}" height="{height}" viewBox="0 0 {total} {height}">"#
+    );
+    for (i, (title, series)) in panels.iter().enumerate() {
+        let panel = line_plot(title, x_label, y_label, series);
+        // A nested <svg> is positioned by x; the panel's own root element becomes it.
+        let _ = write!(svg, r#"<g transform="translate({} 0)">"#, width * i as f64);
+        svg.push_str(panel.trim_end());
+        svg.push_str("</g>");
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// The same axes with unconnected points (each point its own configuration).
 pub fn scatter_plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
     plot(title, x_label, y_label, series, false)

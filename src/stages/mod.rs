@@ -10,10 +10,12 @@
 //! `pipeline/pipeline.toml`. Nothing in `crate::engine` changes.
 
 pub mod ablation;
+pub mod attack;
 pub mod ensemble;
 pub mod evaluate;
 pub mod fashion_mnist;
 pub mod interpolate;
+pub mod knn;
 pub mod metamers;
 pub mod mnist;
 pub mod probe;
@@ -47,5 +49,7 @@ pub fn registry() -> Registry {
         .with(probe::ProbeStage)
         .with(interpolate::Interpolate)
         .with(ablation::Ablation)
+        .with(knn::Knn)
+        .with(attack::Attack)
         .with(report::Report)
 }

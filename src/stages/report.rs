@@ -1,14 +1,15 @@
 //! Stage `report`: renders the reproduction report, `artifacts/report/index.html`, and its
 //! machine-readable twin `results.json`.
 //!
-//! Paper: all of it. A summary lists every claim of `paper/claims.toml` (C1–C11) with its
+//! Paper: all of it. A summary lists every claim of `paper/claims.toml` (C1–C12) with its
 //! verdict; each section shows our number beside the paper's, the verdict with its tolerance,
 //! the protocol note where we had to decide, and provenance (stage, key prefix, params, code
 //! fingerprint, device, wall time, log). Claims no stage measures yet say "not run".
 //! Inputs: every upstream stage declared in pipeline.toml, recognised by what it publishes
 //! (`summary.json` a dataset, `evaluation.json` / `ensemble.json` an accuracy row,
 //! `metrics.json` + `curve.svg` a training run, `metamers.json` + `triplets.png` a Fig. 4
-//! set), plus the repository files
+//! set, `knn.json` the pixel-space judge, `invariance.json` / `pgd.json` an attack), plus the
+//! repository files
 //! `paper/templates/`, `paper/text/`, `paper/claims.toml` (claims and their rules) and
 //! `paper/tables.toml` (which stage fills which table row, and the paper's numbers).
 //! Outputs: `index.html`, `results.json` (profile, every published number, every claim's
@@ -33,10 +34,10 @@ use serde_json::{json, Value};
 use crate::data::DatasetSummary;
 use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
 use crate::outputs::{
-    read_json, AblationResult, EnsembleResult, Evaluation, InterpolationResult, MetamerResult,
-    ProbeResult, TrainMetrics,
+    read_json, AblationResult, EnsembleResult, Evaluation, FeatureMatching, InterpolationResult,
+    InvarianceResult, KnnResult, MetamerResult, PgdPoint, PgdResult, ProbeResult, TrainMetrics,
 };
-use crate::report::figures::{bar_chart, BarGroup};
+use crate::report::figures::{bar_chart, line_plot_panels, BarGroup, Series};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
 
 pub struct Report;
@@ -213,6 +214,135 @@ fn dataset_entry(ctx: &StageContext, stage: &str) -> Result<Value> {
     }))
 }
 
+/// Percent with one decimal, from a fraction.
+fn percent(v: f64) -> String {
+    format!("{:.1}", 100.0 * v)
+}
+
+/// One row of the invariance table: a stage's attack on one feature.
+fn invariance_row(stage: &str, attacked: &str, model: &str, feature: &str, f: &FeatureMatching) -> Value {
+    let judges = |j: Option<&crate::outputs::Judged>| match j {
+        Some(j) => json!({
+            "n": j.n, "oracle_source": percent(j.oracle.source), "oracle_target": percent(j.oracle.target),
+            "knn_source": percent(j.knn.source), "knn_target": percent(j.knn.target), "agreement": percent(j.agreement),
+        }),
+        None => json!({ "n": 0 }),
+    };
+    json!({
+        "stage": stage, "attacked_stage": attacked, "model": model, "feature": feature,
+        "success": percent(f.success_rate), "model_says_target": percent(f.model_says_target),
+        "relative_distance": format!("{:.2e}", f.relative_distance.median),
+        "l2": format!("{:.2}", f.l2.median), "linf": format!("{:.2}", f.linf.median),
+        "attacked": judges(Some(&f.attacked)), "successful": judges(f.successful.as_ref()),
+    })
+}
+
+/// The model family a weights config names.
+fn family(config: &crate::nn::model::ModelConfig) -> &'static str {
+    match config {
+        crate::nn::model::ModelConfig::Firevnet(_) => "fi-RevNet",
+        crate::nn::model::ModelConfig::Cnn(_) => "CNN",
+    }
+}
+
+/// The stage whose weights an attack stage attacked (its `*/weights.safetensors` input).
+fn attacked_stage(ctx: &StageContext, stage: &str) -> String {
+    ctx.upstream_manifest(stage)
+        .and_then(|m| {
+            m.key_fields
+                .inputs
+                .iter()
+                .find_map(|i| i.name.strip_suffix("/weights.safetensors").map(String::from))
+        })
+        .unwrap_or_default()
+}
+
+/// Sensitivity beside invariance, one row per attacked model: how far PGD must move an image
+/// to change the decision, and how far feature matching moves it while the model sees another
+/// image.
+fn contrast_rows(invariance: &[Value], pgd: &Value) -> Vec<Value> {
+    let mut models: Vec<String> = Vec::new();
+    for r in invariance.iter().chain(pgd["rows"].as_array().into_iter().flatten()) {
+        let m = r["attacked_stage"].as_str().unwrap_or_default().to_string();
+        if !models.contains(&m) {
+            models.push(m);
+        }
+    }
+    models
+        .iter()
+        .map(|m| {
+            let pgd_row = pgd["rows"].as_array().into_iter().flatten().find(|r| r["attacked_stage"] == m.as_str());
+            let logits = invariance.iter().find(|r| r["attacked_stage"] == m.as_str() && r["feature"] == "logits");
+            json!({
+                "attacked_stage": m,
+                "linf_half": pgd_row.map_or(json!("not run"), |r| r["linf_half"].clone()),
+                "l2_half": pgd_row.map_or(json!("not run"), |r| r["l2_half"].clone()),
+                "invariance_success": logits.map_or(json!("not run"), |r| r["success"].clone()),
+                "invariance_l2": logits.map_or(json!("not run"), |r| r["l2"].clone()),
+                "invariance_linf": logits.map_or(json!("not run"), |r| r["linf"].clone()),
+                "oracle_source": logits.map_or(json!("not run"), |r| r["attacked"]["oracle_source"].clone()),
+                "knn_source": logits.map_or(json!("not run"), |r| r["attacked"]["knn_source"].clone()),
+            })
+        })
+        .collect()
+}
+
+/// The smallest ε at which robust accuracy falls below one half ("—" if it never does).
+fn half_accuracy_epsilon(points: &[PgdPoint]) -> String {
+    points
+        .iter()
+        .find(|p| p.robust_accuracy < 0.5)
+        .map_or("> largest ε".to_string(), |p| p.epsilon.to_string())
+}
+
+/// The PGD section: one row per stage (robust accuracy per ε), and the curves of every
+/// attacked model in one figure (L∞ and L2 panels).
+fn pgd_section(ctx: &mut StageContext, sets: &[(String, PgdResult)]) -> Result<Value> {
+    let mut rows = Vec::new();
+    let (mut linf_series, mut l2_series) = (Vec::new(), Vec::new());
+    for (stage, result) in sets {
+        let cells = |points: &[PgdPoint]| -> Vec<Value> {
+            points
+                .iter()
+                .map(|p| json!({
+                    "epsilon": p.epsilon.to_string(), "robust": percent(p.robust_accuracy), "broken": p.broken,
+                    "oracle_true": p.oracle_true.map_or("—".to_string(), percent),
+                    "knn_true": p.knn_true.map_or("—".to_string(), percent),
+                    "mean_l2": p.mean_l2.map_or("—".to_string(), |v| format!("{v:.2}")),
+                }))
+                .collect()
+        };
+        let name = format!("{stage} ({})", family(&result.model));
+        let curve = |points: &[PgdPoint]| Series {
+            name: name.clone(),
+            points: points.iter().map(|p| (p.epsilon, 100.0 * p.robust_accuracy)).collect(),
+        };
+        linf_series.push(curve(&result.linf));
+        l2_series.push(curve(&result.l2));
+        rows.push(json!({
+            "stage": stage, "attacked_stage": attacked_stage(ctx, stage), "model": family(&result.model), "examples": result.examples, "steps": result.steps,
+            "step_factor": result.step_factor.to_string(), "clean": percent(result.clean_accuracy),
+            "linf": cells(&result.linf), "l2": cells(&result.l2),
+            "linf_half": half_accuracy_epsilon(&result.linf), "l2_half": half_accuracy_epsilon(&result.l2),
+            "examples_figure": copy_figure(ctx, stage, "examples.png")?,
+            "provenance": upstream_provenance(ctx, stage),
+        }));
+    }
+    let figure = if sets.is_empty() {
+        String::new()
+    } else {
+        let link = "figures/pgd_curves.svg".to_string();
+        let svg = line_plot_panels(
+            "ε",
+            "robust accuracy (%)",
+            &[("L∞ PGD".to_string(), linf_series), ("L2 PGD".to_string(), l2_series)],
+        );
+        ctx.write_output(&link, svg.as_bytes())?;
+        link
+    };
+    Ok(json!({ "rows": rows, "figure": figure }))
+}
+
 impl StageKind for Report {
     type Params = ReportParams;
 
@@ -242,6 +372,10 @@ impl StageKind for Report {
         let mut probes: Vec<(String, ProbeResult)> = Vec::new();
         let mut interpolations = Vec::new();
         let mut ablations = Vec::new();
+        let mut knn_judges = Vec::new();
+        let mut invariance_rows = Vec::new();
+        let mut invariance_sets = Vec::new();
+        let mut pgd_sets: Vec<(String, PgdResult)> = Vec::new();
         for stage in &upstream {
             let names: Vec<String> = ctx
                 .input_names(stage)
@@ -321,6 +455,32 @@ impl StageKind for Report {
                     "provenance": upstream_provenance(ctx, stage),
                 }));
             }
+            if has("knn.json") {
+                let knn: KnnResult = read_json(ctx, stage, "knn.json")?;
+                flatten_numbers(stage, &tree(&knn)?, &mut metrics);
+                knn_judges.push(json!({
+                    "stage": stage, "k": knn.k, "n_train": knn.n_train, "n_test": knn.n_test,
+                    "test_error": format!("{:.2}", knn.test_error), "provenance": upstream_provenance(ctx, stage),
+                }));
+            }
+            if has("invariance.json") {
+                let result: InvarianceResult = read_json(ctx, stage, "invariance.json")?;
+                flatten_numbers(stage, &tree(&result)?, &mut metrics);
+                for (feature, f) in &result.features {
+                    invariance_rows.push(invariance_row(stage, &attacked_stage(ctx, stage), family(&result.model), feature, f));
+                }
+                invariance_sets.push(json!({
+                    "stage": stage, "model": family(&result.model), "pairs": result.pairs, "steps": result.steps,
+                    "lr": result.lr.to_string(), "success_distance": result.success_distance.to_string(),
+                    "features": result.features.keys().collect::<Vec<_>>(),
+                    "grid": copy_figure(ctx, stage, "pairs.png")?, "provenance": upstream_provenance(ctx, stage),
+                }));
+            }
+            if has("pgd.json") {
+                let result: PgdResult = read_json(ctx, stage, "pgd.json")?;
+                flatten_numbers(stage, &tree(&result)?, &mut metrics);
+                pgd_sets.push((stage.clone(), result));
+            }
             if has("metrics.json") {
                 let m: TrainMetrics = read_json(ctx, stage, "metrics.json")?;
                 trainings.push(json!({
@@ -397,6 +557,7 @@ impl StageKind for Report {
             }
         }
 
+        let pgd = pgd_section(ctx, &pgd_sets)?;
         let context = json!({
             "profile": profile,
             "claims": claim_rows,
@@ -408,6 +569,13 @@ impl StageKind for Report {
             "information": information(ctx, &probes)?,
             "interpolations": interpolations,
             "ablations": ablations,
+            "attacks": {
+                "contrast": contrast_rows(&invariance_rows, &pgd),
+                "knn": knn_judges,
+                "invariance": invariance_rows,
+                "invariance_sets": invariance_sets,
+                "pgd": pgd,
+            },
             "text": texts,
         });
         let html = render(
