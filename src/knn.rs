@@ -38,7 +38,11 @@ impl NearestNeighbours {
     /// their labels.
     pub fn new(images: &[u8], labels: &[u8], dims: usize, k: usize) -> NearestNeighbours {
         assert!(k >= 1, "k must be at least 1");
-        assert_eq!(images.len(), labels.len() * dims, "images and labels disagree");
+        assert_eq!(
+            images.len(),
+            labels.len() * dims,
+            "images and labels disagree"
+        );
         assert!(labels.len() >= k, "fewer training images than k");
         let train = pixel_rows(images);
         let norms = train
@@ -173,7 +177,11 @@ pub fn vote(labels: impl Iterator<Item = u8>) -> u8 {
     for &l in &labels {
         counts[l as usize] += 1;
     }
-    let best = labels.iter().map(|&l| counts[l as usize]).max().unwrap_or(0);
+    let best = labels
+        .iter()
+        .map(|&l| counts[l as usize])
+        .max()
+        .unwrap_or(0);
     labels
         .into_iter()
         .find(|&l| counts[l as usize] == best)
@@ -213,7 +221,11 @@ mod tests {
             for i in 0..150 {
                 let base = judge.image(i * 4 % n);
                 queries.extend(base.iter().map(|&v| {
-                    let noise = if i % 3 == 0 { 0.0 } else { rng.gen_range(-0.02..0.02) };
+                    let noise = if i % 3 == 0 {
+                        0.0
+                    } else {
+                        rng.gen_range(-0.02..0.02)
+                    };
                     v + noise
                 }));
             }

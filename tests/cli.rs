@@ -101,6 +101,10 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
         "interp_ice_strips.png",
         "metamers_ice_triplets.png",
         "ablation_ablation.svg",
+        "id=\"attacks\"",
+        "pgd_curves.svg",
+        "invariance_cnn_pairs.png",
+        "pgd_ice_examples.png",
     ] {
         assert!(html.contains(section), "report lacks {section}");
     }
@@ -109,6 +113,11 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
         "probe_ice.views.z_s.metamers.information_bound_bits",
         "eval_ice.adversary.test.error",
         "interp_ice.fraction_label_changes",
+        "knn.test_error",
+        "invariance_cnn.features.logits.success_rate",
+        "invariance_cnn.features.penultimate.attacked.knn.source",
+        "invariance_ice.features.logits.attacked.oracle.target",
+        "pgd_ice.clean_accuracy",
     ] {
         assert!(
             results["metrics"][metric].is_number(),
@@ -478,7 +487,7 @@ fn gc_keeps_current_results_and_drops_superseded_ones() {
 #[test]
 fn a_bad_param_value_exits_2_naming_where_and_what_before_anything_runs() {
     let sb = Sandbox::new();
-    let cases: [(&str, &[&str]); 4] = [
+    let cases: [(&str, &[&str]); 6] = [
         (
             "--set train_ice.optimizer=adamw",
             &["optimizer", "unknown variant `adamw`", "adam", "adamax"],
@@ -492,6 +501,14 @@ fn a_bad_param_value_exits_2_naming_where_and_what_before_anything_runs() {
             &["test_limit", "0 means all"],
         ),
         ("--set probe_ce.validation=0", &["validation", "at least 1"]),
+        (
+            "--set pgd_cnn.linf_eps=[0.1,-0.1]",
+            &["linf_eps", "-0.1", "every ε must be ≥ 0"],
+        ),
+        (
+            "--set invariance_cnn.features=[\"logits\",\"logits\"]",
+            &["features", "names a feature twice"],
+        ),
     ];
     for (set, expected) in cases {
         let value = set.strip_prefix("--set ").unwrap();

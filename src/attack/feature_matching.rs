@@ -51,7 +51,12 @@ const BETA2: f32 = 0.999;
 const EPS: f32 = 1e-8;
 
 /// D(x) per column from feature values `(F, B)` and the targets' features.
-fn relative_distances(features: &[f32], targets: &[f32], target_norms: &[f64], b: usize) -> Vec<f64> {
+fn relative_distances(
+    features: &[f32],
+    targets: &[f32],
+    target_norms: &[f64],
+    b: usize,
+) -> Vec<f64> {
     let mut out = vec![0.0f64; b];
     for (row, target_row) in features.chunks(b).zip(targets.chunks(b)) {
         for (n, (h, t)) in row.iter().zip(target_row).enumerate() {
@@ -89,7 +94,8 @@ impl FeatureMatching {
             .map(|i| (1.0 / target_norms[i % b].max(f64::MIN_POSITIVE)) as f32)
             .collect();
         let weights: T2 = dev.tensor_from_vec(weights, (features, b));
-        let target_features_tensor: T2 = dev.tensor_from_vec(target_features.clone(), (features, b));
+        let target_features_tensor: T2 =
+            dev.tensor_from_vec(target_features.clone(), (features, b));
 
         let mut x = sources.to_vec();
         let (mut m, mut v) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
@@ -111,12 +117,8 @@ impl FeatureMatching {
 
         let images: T2 = dev.tensor_from_vec(x.clone(), (rows, b));
         let final_features = model.features(images, self.feature);
-        let relative_distance = relative_distances(
-            &final_features.as_vec(),
-            &target_features,
-            &target_norms,
-            b,
-        );
+        let relative_distance =
+            relative_distances(&final_features.as_vec(), &target_features, &target_norms, b);
         let prediction = argmax_rows(&model.scores_from(final_features, self.feature));
         let success = prediction
             .iter()
@@ -150,7 +152,11 @@ mod tests {
         fn features<T: Tp>(&self, images: T2<T>, _feature: Feature) -> T2<T> {
             let b = images.shape().1;
             let rows = self.c.len();
-            let c: Vec<f32> = self.c.iter().flat_map(|&v| std::iter::repeat_n(v, b)).collect();
+            let c: Vec<f32> = self
+                .c
+                .iter()
+                .flat_map(|&v| std::iter::repeat_n(v, b))
+                .collect();
             let c: T2 = images.device().tensor_from_vec(c, (rows, b));
             self.w.clone().retaped::<T>().matmul(images) + c
         }
@@ -166,15 +172,16 @@ mod tests {
     fn setup() -> (Dev, LinearToy, Vec<f32>, Vec<f32>, Vec<u8>) {
         let dev = crate::nn::device();
         let mut rng = crate::nn::rng_for(0, "linear-toy");
-        let w: Vec<f32> = (0..FEATURES * DIMS).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..FEATURES * DIMS)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
         let c: Vec<f32> = (0..FEATURES).map(|_| rng.gen_range(-0.5..0.5)).collect();
         let toy = LinearToy {
             w: dev.tensor_from_vec(w, (FEATURES, DIMS)),
             c,
         };
-        let mut images = || -> Vec<f32> {
-            (0..DIMS * PAIRS).map(|_| rng.gen_range(0.2..0.8)).collect()
-        };
+        let mut images =
+            || -> Vec<f32> { (0..DIMS * PAIRS).map(|_| rng.gen_range(0.2..0.8)).collect() };
         let (sources, targets) = (images(), images());
         let target_images: T2 = dev.tensor_from_vec(targets.clone(), (DIMS, PAIRS));
         let target_classes = toy.predict(&target_images);
@@ -213,7 +220,13 @@ mod tests {
         let claimed: Vec<u8> = classes
             .iter()
             .enumerate()
-            .map(|(n, &c)| if n % 2 == 0 { c } else { (c + 1) % FEATURES as u8 })
+            .map(|(n, &c)| {
+                if n % 2 == 0 {
+                    c
+                } else {
+                    (c + 1) % FEATURES as u8
+                }
+            })
             .collect();
         let matched = attack(600).run(&dev, &toy, &sources, &targets, &claimed);
         let expected: Vec<bool> = (0..PAIRS).map(|n| n % 2 == 0).collect();
@@ -223,7 +236,13 @@ mod tests {
         // No steps: x = s, and D(s) is the relative distance computed by hand.
         let unmoved = attack(0).run(&dev, &toy, &sources, &targets, &classes);
         assert_eq!(unmoved.images, sources);
-        let h = |x: &[f32]| toy.features(dev.tensor_from_vec(x.to_vec(), (DIMS, PAIRS)), Feature::Logits).as_vec();
+        let h = |x: &[f32]| {
+            toy.features(
+                dev.tensor_from_vec(x.to_vec(), (DIMS, PAIRS)),
+                Feature::Logits,
+            )
+            .as_vec()
+        };
         let (hs, ht) = (h(&sources), h(&targets));
         for n in 0..PAIRS {
             let (mut num, mut den) = (0.0f64, 0.0f64);
@@ -233,8 +252,15 @@ mod tests {
                 den += b * b;
             }
             let d = unmoved.relative_distance[n];
-            assert!((d - num / den).abs() <= 1e-9 * (num / den), "pair {n}: {d} vs {}", num / den);
-            assert_eq!(unmoved.success[n], num / den < 0.01 && unmoved.prediction[n] == classes[n]);
+            assert!(
+                (d - num / den).abs() <= 1e-9 * (num / den),
+                "pair {n}: {d} vs {}",
+                num / den
+            );
+            assert_eq!(
+                unmoved.success[n],
+                num / den < 0.01 && unmoved.prediction[n] == classes[n]
+            );
         }
     }
 }

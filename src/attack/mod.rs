@@ -200,7 +200,9 @@ mod tests {
         let attacked = Attacked::new(&dev, &model);
         let x = dev.tensor_from_vec(image_columns(&images, &batch), (784, 3));
         let ours = attacked.features(x, Feature::Logits).as_vec();
-        let direct = model.logits(revnet_input(&dev, &images, &batch, 1, None)).as_vec();
+        let direct = model
+            .logits(revnet_input(&dev, &images, &batch, 1, None))
+            .as_vec();
         assert_eq!(ours, direct);
         // And the CNN reads the same columns as `cnn_input`.
         assert_eq!(

@@ -41,6 +41,9 @@ impl Norm {
     }
 }
 
+/// Sees every iterate of a run (tests check the constraints on each).
+pub type Observer<'a> = dyn FnMut(&[f32]) + 'a;
+
 /// One PGD run's settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pgd {
@@ -74,7 +77,7 @@ impl Pgd {
         clean: &[f32],
         labels: &[u8],
         rng: &mut ChaCha8Rng,
-        mut observe: Option<&mut dyn FnMut(&[f32])>,
+        mut observe: Option<&mut Observer>,
     ) -> Attacked {
         let b = labels.len();
         let rows = clean.len() / b;
@@ -87,14 +90,19 @@ impl Pgd {
             }
             Norm::L2 => {
                 // Gaussian direction, radius ε·u^(1/d): uniform in the ball.
-                let mut delta: Vec<f32> = (0..x.len()).map(|_| rng.sample(StandardNormal)).collect();
+                let mut delta: Vec<f32> =
+                    (0..x.len()).map(|_| rng.sample(StandardNormal)).collect();
                 let radii: Vec<f32> = (0..b)
                     .map(|_| self.epsilon * rng.gen::<f32>().powf(1.0 / rows as f32))
                     .collect();
                 let norms = column_norms(&delta, b);
                 for (i, d) in delta.iter_mut().enumerate() {
                     let n = i % b;
-                    *d *= if norms[n] > 0.0 { radii[n] / norms[n] } else { 0.0 };
+                    *d *= if norms[n] > 0.0 {
+                        radii[n] / norms[n]
+                    } else {
+                        0.0
+                    };
                 }
                 for (v, d) in x.iter_mut().zip(&delta) {
                     *v += d;
@@ -112,10 +120,9 @@ impl Pgd {
         let alpha = self.step_size();
         for _ in 0..self.steps {
             let images: T2 = dev.tensor_from_vec(x.clone(), (rows, b));
-            let (logits, grad) =
-                features_and_gradient(model, &images, Feature::Logits, |logits| {
-                    cross_entropy(logits, labels)
-                });
+            let (logits, grad) = features_and_gradient(model, &images, Feature::Logits, |logits| {
+                cross_entropy(logits, labels)
+            });
             let prediction = argmax_rows(&model.scores_from(logits, Feature::Logits));
             record_breaks(&prediction, labels, &x, b, &mut broken, &mut adversarial);
             let active: Vec<bool> = broken.iter().map(|&done| !done).collect();
@@ -124,7 +131,14 @@ impl Pgd {
                     for (i, (v, g)) in x.iter_mut().zip(&grad).enumerate() {
                         if active[i % b] {
                             // sign(0) = 0: no direction, no move.
-                            *v += alpha * if *g > 0.0 { 1.0 } else if *g < 0.0 { -1.0 } else { 0.0 };
+                            *v += alpha
+                                * if *g > 0.0 {
+                                    1.0
+                                } else if *g < 0.0 {
+                                    -1.0
+                                } else {
+                                    0.0
+                                };
                         }
                     }
                 }
@@ -145,7 +159,14 @@ impl Pgd {
             dev.empty_cache();
         }
         let images: T2 = dev.tensor_from_vec(x.clone(), (rows, b));
-        record_breaks(&model.predict(&images), labels, &x, b, &mut broken, &mut adversarial);
+        record_breaks(
+            &model.predict(&images),
+            labels,
+            &x,
+            b,
+            &mut broken,
+            &mut adversarial,
+        );
         // Images that held keep their last iterate.
         for (i, v) in adversarial.iter_mut().enumerate() {
             if !broken[i % b] {
@@ -249,7 +270,8 @@ mod tests {
     fn setup() -> (Dev, Toy, Vec<f32>, Vec<u8>) {
         let dev = crate::nn::device();
         let mut rng = crate::nn::rng_for(0, "pgd-toy");
-        let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let mut random =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
         let toy = Toy {
             w: dev.tensor_from_vec(random(32 * DIMS), (32, DIMS)),
             v: dev.tensor_from_vec(random(4 * 32), (4, 32)),
@@ -265,31 +287,61 @@ mod tests {
     #[test]
     fn pgd_never_leaves_the_ball_or_the_box() {
         let (dev, toy, clean, labels) = setup();
-        for (norm, epsilon) in [(Norm::Linf, 0.1), (Norm::Linf, 0.3), (Norm::L2, 0.5), (Norm::L2, 2.0)] {
-            let pgd = Pgd { norm, epsilon, steps: 20, step_factor: 2.5 };
+        for (norm, epsilon) in [
+            (Norm::Linf, 0.1),
+            (Norm::Linf, 0.3),
+            (Norm::L2, 0.5),
+            (Norm::L2, 2.0),
+        ] {
+            let pgd = Pgd {
+                norm,
+                epsilon,
+                steps: 20,
+                step_factor: 2.5,
+            };
             let mut iterates = 0;
             let mut check = |x: &[f32]| {
                 iterates += 1;
-                assert!(x.iter().all(|v| (0.0..=1.0).contains(v)), "{norm:?} left [0, 1]");
+                assert!(
+                    x.iter().all(|v| (0.0..=1.0).contains(v)),
+                    "{norm:?} left [0, 1]"
+                );
                 let delta: Vec<f32> = x.iter().zip(&clean).map(|(a, c)| a - c).collect();
                 let sizes: Vec<f32> = match norm {
                     Norm::Linf => (0..B)
-                        .map(|n| (0..DIMS).map(|r| delta[r * B + n].abs()).fold(0.0, f32::max))
+                        .map(|n| {
+                            (0..DIMS)
+                                .map(|r| delta[r * B + n].abs())
+                                .fold(0.0, f32::max)
+                        })
                         .collect(),
                     Norm::L2 => column_norms(&delta, B),
                 };
                 // The L2 rescaling rounds: allow a few ulps of ε.
                 let limit = epsilon * (1.0 + 4.0 * f32::EPSILON);
-                assert!(sizes.iter().all(|&s| s <= limit), "{norm:?} ε = {epsilon}: {sizes:?}");
+                assert!(
+                    sizes.iter().all(|&s| s <= limit),
+                    "{norm:?} ε = {epsilon}: {sizes:?}"
+                );
             };
-            let result = pgd.run(&dev, &toy, &clean, &labels, &mut crate::nn::rng_for(0, "start"), Some(&mut check));
+            let result = pgd.run(
+                &dev,
+                &toy,
+                &clean,
+                &labels,
+                &mut crate::nn::rng_for(0, "start"),
+                Some(&mut check),
+            );
             assert_eq!(iterates, 21, "the start and every step were observed");
             // The attack does something on this toy: more than the two clean errors break.
             if epsilon >= 0.3 || norm == Norm::L2 {
                 let broken = result.broken.iter().filter(|&&b| b).count();
                 assert!(broken > 2, "{norm:?} ε = {epsilon}: {broken} broken");
             }
-            assert!(result.broken[0] && result.broken[5], "clean errors count as broken");
+            assert!(
+                result.broken[0] && result.broken[5],
+                "clean errors count as broken"
+            );
         }
     }
 
@@ -298,11 +350,27 @@ mod tests {
         let (dev, toy, clean, labels) = setup();
         let clean_prediction = toy.predict(&dev.tensor_from_vec(clean.clone(), (DIMS, B)));
         for norm in [Norm::Linf, Norm::L2] {
-            let pgd = Pgd { norm, epsilon: 0.0, steps: 10, step_factor: 2.5 };
-            let result = pgd.run(&dev, &toy, &clean, &labels, &mut crate::nn::rng_for(0, "start"), None);
+            let pgd = Pgd {
+                norm,
+                epsilon: 0.0,
+                steps: 10,
+                step_factor: 2.5,
+            };
+            let result = pgd.run(
+                &dev,
+                &toy,
+                &clean,
+                &labels,
+                &mut crate::nn::rng_for(0, "start"),
+                None,
+            );
             assert_eq!(result.images, clean, "{norm:?}");
             assert_eq!(result.prediction, clean_prediction);
-            let wrong: Vec<bool> = clean_prediction.iter().zip(&labels).map(|(p, y)| p != y).collect();
+            let wrong: Vec<bool> = clean_prediction
+                .iter()
+                .zip(&labels)
+                .map(|(p, y)| p != y)
+                .collect();
             assert_eq!(result.broken, wrong);
         }
     }

@@ -131,7 +131,8 @@ impl LogitBatchNorm {
         let scale: T1 = dev.tensor_from_vec(scale, (k,));
         let shift: T1 = dev.tensor_from_vec(shift, (k,));
         // The activation on the left: dfdx keeps the tape of the left operand.
-        z * scale.broadcast_like::<_, Axis<1>>(&(k, b)) + shift.broadcast_like::<_, Axis<1>>(&(k, b))
+        z * scale.broadcast_like::<_, Axis<1>>(&(k, b))
+            + shift.broadcast_like::<_, Axis<1>>(&(k, b))
     }
 
     /// Moves the running statistics towards a batch's.

@@ -44,9 +44,13 @@ use serde_json::json;
 
 use crate::attack::feature_matching::FeatureMatching as Matching;
 use crate::attack::pgd::{Norm, Pgd};
-use crate::attack::{column, columns_to_rows, distances, image_columns, Attackable, Attacked, Feature};
+use crate::attack::{
+    column, columns_to_rows, distances, image_columns, Attackable, Attacked, Feature,
+};
 use crate::data::{npy_bytes, Arrays};
-use crate::engine::{at_least, positive, Finished, ParamError, StageContext, StageKind, TypedParams};
+use crate::engine::{
+    at_least, positive, Finished, ParamError, StageContext, StageKind, TypedParams,
+};
 use crate::knn::NearestNeighbours;
 use crate::nn::model::{ensemble_predict, Model};
 use crate::nn::{device, rng_for, Dev, T2};
@@ -93,7 +97,11 @@ impl AttackParams {
         [
             ("features", self.features.is_some(), Method::FeatureMatching),
             ("lr", self.lr.is_some(), Method::FeatureMatching),
-            ("success_distance", self.success_distance.is_some(), Method::FeatureMatching),
+            (
+                "success_distance",
+                self.success_distance.is_some(),
+                Method::FeatureMatching,
+            ),
             ("linf_eps", self.linf_eps.is_some(), Method::Pgd),
             ("l2_eps", self.l2_eps.is_some(), Method::Pgd),
             ("step_factor", self.step_factor.is_some(), Method::Pgd),
@@ -109,7 +117,10 @@ impl TypedParams for AttackParams {
         if self.grid > self.examples {
             return Err(ParamError::new(
                 "grid",
-                format!("{} is out of range: at most examples ({})", self.grid, self.examples),
+                format!(
+                    "{} is out of range: at most examples ({})",
+                    self.grid, self.examples
+                ),
             ));
         }
         let method_name = |m: Method| match m {
@@ -138,24 +149,41 @@ impl TypedParams for AttackParams {
             Method::FeatureMatching => {
                 let features = self.features.as_deref().unwrap_or_default();
                 if features.is_empty() {
-                    return Err(ParamError::new("features", "is empty: name at least one of logits, penultimate"));
+                    return Err(ParamError::new(
+                        "features",
+                        "is empty: name at least one of logits, penultimate",
+                    ));
                 }
                 if (1..features.len()).any(|i| features[..i].contains(&features[i])) {
                     return Err(ParamError::new("features", "names a feature twice"));
                 }
                 positive("lr", self.lr.unwrap_or_default())?;
-                positive("success_distance", self.success_distance.unwrap_or_default())?;
+                positive(
+                    "success_distance",
+                    self.success_distance.unwrap_or_default(),
+                )?;
             }
             Method::Pgd => {
                 for (name, list) in [("linf_eps", &self.linf_eps), ("l2_eps", &self.l2_eps)] {
-                    if let Some(e) = list.as_deref().unwrap_or_default().iter().find(|e| !(**e >= 0.0)) {
-                        return Err(ParamError::new(name, format!("{e} is out of range: every ε must be ≥ 0")));
+                    if let Some(e) = list
+                        .as_deref()
+                        .unwrap_or_default()
+                        .iter()
+                        .find(|e| e.is_nan() || **e < 0.0)
+                    {
+                        return Err(ParamError::new(
+                            name,
+                            format!("{e} is out of range: every ε must be ≥ 0"),
+                        ));
                     }
                 }
                 if self.linf_eps.as_deref().unwrap_or_default().is_empty()
                     && self.l2_eps.as_deref().unwrap_or_default().is_empty()
                 {
-                    return Err(ParamError::new("linf_eps", "and l2_eps are both empty: nothing to attack with"));
+                    return Err(ParamError::new(
+                        "linf_eps",
+                        "and l2_eps are both empty: nothing to attack with",
+                    ));
                 }
                 positive("step_factor", self.step_factor.unwrap_or_default())?;
             }
@@ -187,9 +215,10 @@ impl Setting<'_> {
     fn predict(&self, indices: &[usize], batch: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(indices.len());
         for chunk in indices.chunks(batch) {
-            let x: T2 = self
-                .dev
-                .tensor_from_vec(image_columns(&self.data.test_images, chunk), (784, chunk.len()));
+            let x: T2 = self.dev.tensor_from_vec(
+                image_columns(&self.data.test_images, chunk),
+                (784, chunk.len()),
+            );
             out.extend(self.attacked.predict(&x));
             self.dev.empty_cache();
         }
@@ -222,7 +251,9 @@ fn judged(rows: &[&InvarianceExample]) -> Option<Judged> {
     }
     let n = rows.len() as f64;
     let fractions = |label: fn(&InvarianceExample) -> u8| {
-        let count = |f: &dyn Fn(&InvarianceExample) -> bool| rows.iter().filter(|r| f(r)).count() as f64 / n;
+        let count = |f: &dyn Fn(&InvarianceExample) -> bool| {
+            rows.iter().filter(|r| f(r)).count() as f64 / n
+        };
         JudgeFractions {
             source: count(&|r| label(r) == r.source_label),
             target: count(&|r| label(r) == r.target_label),
@@ -258,7 +289,10 @@ impl StageKind for Attack {
             .find(|s| ctx.input_names(s).contains(&"knn.json"))
             .map(String::from);
         let Some(knn_stage) = knn_stage else {
-            anyhow::bail!("stage {} has no knn.json among its inputs (the k-NN judge)", ctx.name());
+            anyhow::bail!(
+                "stage {} has no knn.json among its inputs (the k-NN judge)",
+                ctx.name()
+            );
         };
         let knn_result: KnnResult = read_json(ctx, &knn_stage, "knn.json")?;
         let data = Arrays::read(|name| ctx.input_named(name))?;
@@ -278,14 +312,22 @@ impl StageKind for Attack {
 }
 
 /// Seeded test pairs (s, t) with different labels, both classified correctly by the model.
-fn correct_pairs(ctx: &StageContext, setting: &Setting, n: usize, batch: usize) -> Vec<(usize, usize)> {
+fn correct_pairs(
+    ctx: &StageContext,
+    setting: &Setting,
+    n: usize,
+    batch: usize,
+) -> Vec<(usize, usize)> {
     let labels = &setting.data.test_labels;
     let mut rng = rng_for(ctx.seed(), "attack-pairs");
     let mut pairs = Vec::with_capacity(n);
     while pairs.len() < n {
         let mut candidates = Vec::new();
         while candidates.len() < n - pairs.len() {
-            let (s, t) = (rng.gen_range(0..labels.len()), rng.gen_range(0..labels.len()));
+            let (s, t) = (
+                rng.gen_range(0..labels.len()),
+                rng.gen_range(0..labels.len()),
+            );
             if labels[s] != labels[t] {
                 candidates.push((s, t));
             }
@@ -301,7 +343,12 @@ fn correct_pairs(ctx: &StageContext, setting: &Setting, n: usize, batch: usize) 
     pairs
 }
 
-fn feature_matching(ctx: &mut StageContext, params: &AttackParams, setting: &Setting, model: &Model) -> Result<Finished> {
+fn feature_matching(
+    ctx: &mut StageContext,
+    params: &AttackParams,
+    setting: &Setting,
+    model: &Model,
+) -> Result<Finished> {
     let features = params.features.clone().unwrap_or_default();
     let lr = params.lr.unwrap_or_default();
     let success_distance = params.success_distance.unwrap_or_default();
@@ -312,7 +359,11 @@ fn feature_matching(ctx: &mut StageContext, params: &AttackParams, setting: &Set
         pairs.len(),
         setting.attacked.family(),
         params.steps,
-        features.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+        features
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
 
     let mut rows: Vec<InvarianceExample> = Vec::new();
@@ -331,7 +382,13 @@ fn feature_matching(ctx: &mut StageContext, params: &AttackParams, setting: &Set
             let sources = image_columns(&setting.data.test_images, &sources_idx);
             let targets = image_columns(&setting.data.test_images, &targets_idx);
             let target_labels: Vec<u8> = targets_idx.iter().map(|&t| labels[t]).collect();
-            let matched = attack.run(&setting.dev, &setting.attacked, &sources, &targets, &target_labels);
+            let matched = attack.run(
+                &setting.dev,
+                &setting.attacked,
+                &sources,
+                &targets,
+                &target_labels,
+            );
             let moved = distances(&matched.images, &sources, b);
             let (oracle, knn) = setting.judge(&matched.images, b);
             for n in 0..b {
@@ -352,25 +409,43 @@ fn feature_matching(ctx: &mut StageContext, params: &AttackParams, setting: &Set
                 images[f].extend(column(&matched.images, b, n));
             }
         }
-        let of_feature: Vec<&InvarianceExample> = rows.iter().filter(|r| r.feature == feature.name()).collect();
+        let of_feature: Vec<&InvarianceExample> = rows
+            .iter()
+            .filter(|r| r.feature == feature.name())
+            .collect();
         let successes = of_feature.iter().filter(|r| r.success).count();
         ctx.log(format!(
             "{}: success {successes}/{} ; median relative distance {:.2e}",
             feature.name(),
             of_feature.len(),
-            spread(&of_feature.iter().map(|r| r.relative_distance).collect::<Vec<_>>()).median
+            spread(
+                &of_feature
+                    .iter()
+                    .map(|r| r.relative_distance)
+                    .collect::<Vec<_>>()
+            )
+            .median
         ));
     }
 
     let mut summary = std::collections::BTreeMap::new();
     for &feature in &features {
-        let of_feature: Vec<&InvarianceExample> = rows.iter().filter(|r| r.feature == feature.name()).collect();
-        let successful: Vec<&InvarianceExample> = of_feature.iter().copied().filter(|r| r.success).collect();
+        let of_feature: Vec<&InvarianceExample> = rows
+            .iter()
+            .filter(|r| r.feature == feature.name())
+            .collect();
+        let successful: Vec<&InvarianceExample> =
+            of_feature.iter().copied().filter(|r| r.success).collect();
         let n = of_feature.len() as f64;
-        let values = |f: fn(&InvarianceExample) -> f64| of_feature.iter().map(|r| f(r)).collect::<Vec<_>>();
+        let values =
+            |f: fn(&InvarianceExample) -> f64| of_feature.iter().map(|r| f(r)).collect::<Vec<_>>();
         let result = FeatureMatching {
             success_rate: successful.len() as f64 / n,
-            model_says_target: of_feature.iter().filter(|r| r.prediction == r.target_label).count() as f64 / n,
+            model_says_target: of_feature
+                .iter()
+                .filter(|r| r.prediction == r.target_label)
+                .count() as f64
+                / n,
             relative_distance: spread(&values(|r| r.relative_distance)),
             l2: spread(&values(|r| r.l2)),
             linf: spread(&values(|r| r.linf)),
@@ -388,7 +463,10 @@ fn feature_matching(ctx: &mut StageContext, params: &AttackParams, setting: &Set
             100.0 * j.knn.target,
             100.0 * j.agreement
         ));
-        ctx.set_metric(&format!("{}_success_rate", feature.name()), json!(result.success_rate));
+        ctx.set_metric(
+            &format!("{}_success_rate", feature.name()),
+            json!(result.success_rate),
+        );
         summary.insert(feature.name().to_string(), result);
     }
 
@@ -409,12 +487,24 @@ fn feature_matching(ctx: &mut StageContext, params: &AttackParams, setting: &Set
     ctx.write_output("adversarial.npy", &npy_bytes(&array)?)?;
 
     // Source | attacked (one per feature) | target.
-    let source_images: Vec<Vec<f32>> = pairs.iter().take(params.grid).map(|p| pixel_image(&setting.data.test_images, p.0)).collect();
-    let target_images: Vec<Vec<f32>> = pairs.iter().take(params.grid).map(|p| pixel_image(&setting.data.test_images, p.1)).collect();
+    let source_images: Vec<Vec<f32>> = pairs
+        .iter()
+        .take(params.grid)
+        .map(|p| pixel_image(&setting.data.test_images, p.0))
+        .collect();
+    let target_images: Vec<Vec<f32>> = pairs
+        .iter()
+        .take(params.grid)
+        .map(|p| pixel_image(&setting.data.test_images, p.1))
+        .collect();
     let grid: Vec<Vec<&[f32]>> = (0..params.grid)
         .map(|n| {
             let mut row: Vec<&[f32]> = vec![&source_images[n]];
-            row.extend(images.iter().map(|per_feature| &per_feature[n * 784..(n + 1) * 784]));
+            row.extend(
+                images
+                    .iter()
+                    .map(|per_feature| &per_feature[n * 784..(n + 1) * 784]),
+            );
             row.push(&target_images[n]);
             row
         })
@@ -428,15 +518,30 @@ fn pixel_image(images: &[u8], i: usize) -> Vec<f32> {
     crate::knn::pixel_rows(&images[i * 784..(i + 1) * 784])
 }
 
-fn pgd(ctx: &mut StageContext, params: &AttackParams, setting: &Setting, model: &Model) -> Result<Finished> {
+fn pgd(
+    ctx: &mut StageContext,
+    params: &AttackParams,
+    setting: &Setting,
+    model: &Model,
+) -> Result<Finished> {
     let labels = &setting.data.test_labels;
     let step_factor = params.step_factor.unwrap_or_default();
     let mut rng = rng_for(ctx.seed(), "pgd-examples");
-    ensure!(params.examples <= labels.len(), "examples ({}) exceeds the {} test images", params.examples, labels.len());
+    ensure!(
+        params.examples <= labels.len(),
+        "examples ({}) exceeds the {} test images",
+        params.examples,
+        labels.len()
+    );
     let mut indices = rand::seq::index::sample(&mut rng, labels.len(), params.examples).into_vec();
     indices.sort_unstable();
     let clean_prediction = setting.predict(&indices, params.batch_size);
-    let clean_accuracy = clean_prediction.iter().zip(&indices).filter(|(p, &i)| **p == labels[i]).count() as f64 / indices.len() as f64;
+    let clean_accuracy = clean_prediction
+        .iter()
+        .zip(&indices)
+        .filter(|(p, &i)| **p == labels[i])
+        .count() as f64
+        / indices.len() as f64;
     ctx.log(format!(
         "{} test images on the {}: clean accuracy {:.2} %; {} steps, step size {step_factor}·ε/{}",
         indices.len(),
@@ -464,8 +569,18 @@ fn pgd(ctx: &mut StageContext, params: &AttackParams, setting: &Setting, model: 
                 let b = chunk.len();
                 let clean = image_columns(&setting.data.test_images, chunk);
                 let chunk_labels: Vec<u8> = chunk.iter().map(|&i| labels[i]).collect();
-                let mut start = rng_for(ctx.seed(), &format!("pgd-start/{}/{epsilon}/{c}", norm.name()));
-                let result = attack.run(&setting.dev, &setting.attacked, &clean, &chunk_labels, &mut start, None);
+                let mut start = rng_for(
+                    ctx.seed(),
+                    &format!("pgd-start/{}/{epsilon}/{c}", norm.name()),
+                );
+                let result = attack.run(
+                    &setting.dev,
+                    &setting.attacked,
+                    &clean,
+                    &chunk_labels,
+                    &mut start,
+                    None,
+                );
                 let moved = distances(&result.images, &clean, b);
                 let (oracle, knn) = setting.judge(&result.images, b);
                 for n in 0..b {
@@ -490,7 +605,9 @@ fn pgd(ctx: &mut StageContext, params: &AttackParams, setting: &Setting, model: 
                 }
             }
             let broken = broken_rows.len();
-            let mean = |f: fn(&PgdExample) -> f64| (broken > 0).then(|| broken_rows.iter().map(f).sum::<f64>() / broken as f64);
+            let mean = |f: fn(&PgdExample) -> f64| {
+                (broken > 0).then(|| broken_rows.iter().map(f).sum::<f64>() / broken as f64)
+            };
             let point = PgdPoint {
                 epsilon,
                 robust_accuracy: held as f64 / indices.len() as f64,
@@ -540,15 +657,25 @@ fn pgd(ctx: &mut StageContext, params: &AttackParams, setting: &Setting, model: 
                 format!("{} PGD", if *norm == Norm::Linf { "L∞" } else { "L2" }),
                 vec![Series {
                     name: setting.attacked.family().to_string(),
-                    points: points.iter().map(|p| (p.epsilon, 100.0 * p.robust_accuracy)).collect(),
+                    points: points
+                        .iter()
+                        .map(|p| (p.epsilon, 100.0 * p.robust_accuracy))
+                        .collect(),
                 }],
             )
         })
         .collect();
-    ctx.write_output("curve.svg", line_plot_panels("ε", "robust accuracy (%)", &panels).as_bytes())?;
+    ctx.write_output(
+        "curve.svg",
+        line_plot_panels("ε", "robust accuracy (%)", &panels).as_bytes(),
+    )?;
 
     // Clean | the adversarial image at every (norm, ε), for the first `grid` examples.
-    let cleans: Vec<Vec<f32>> = indices.iter().take(params.grid).map(|&i| pixel_image(&setting.data.test_images, i)).collect();
+    let cleans: Vec<Vec<f32>> = indices
+        .iter()
+        .take(params.grid)
+        .map(|&i| pixel_image(&setting.data.test_images, i))
+        .collect();
     let m = indices.len();
     let grid: Vec<Vec<&[f32]>> = (0..params.grid)
         .map(|n| {

@@ -220,7 +220,13 @@ fn percent(v: f64) -> String {
 }
 
 /// One row of the invariance table: a stage's attack on one feature.
-fn invariance_row(stage: &str, attacked: &str, model: &str, feature: &str, f: &FeatureMatching) -> Value {
+fn invariance_row(
+    stage: &str,
+    attacked: &str,
+    model: &str,
+    feature: &str,
+    f: &FeatureMatching,
+) -> Value {
     let judges = |j: Option<&crate::outputs::Judged>| match j {
         Some(j) => json!({
             "n": j.n, "oracle_source": percent(j.oracle.source), "oracle_target": percent(j.oracle.target),
@@ -249,10 +255,11 @@ fn family(config: &crate::nn::model::ModelConfig) -> &'static str {
 fn attacked_stage(ctx: &StageContext, stage: &str) -> String {
     ctx.upstream_manifest(stage)
         .and_then(|m| {
-            m.key_fields
-                .inputs
-                .iter()
-                .find_map(|i| i.name.strip_suffix("/weights.safetensors").map(String::from))
+            m.key_fields.inputs.iter().find_map(|i| {
+                i.name
+                    .strip_suffix("/weights.safetensors")
+                    .map(String::from)
+            })
         })
         .unwrap_or_default()
 }
@@ -262,7 +269,10 @@ fn attacked_stage(ctx: &StageContext, stage: &str) -> String {
 /// image.
 fn contrast_rows(invariance: &[Value], pgd: &Value) -> Vec<Value> {
     let mut models: Vec<String> = Vec::new();
-    for r in invariance.iter().chain(pgd["rows"].as_array().into_iter().flatten()) {
+    for r in invariance
+        .iter()
+        .chain(pgd["rows"].as_array().into_iter().flatten())
+    {
         let m = r["attacked_stage"].as_str().unwrap_or_default().to_string();
         if !models.contains(&m) {
             models.push(m);
@@ -315,7 +325,10 @@ fn pgd_section(ctx: &mut StageContext, sets: &[(String, PgdResult)]) -> Result<V
         let name = format!("{stage} ({})", family(&result.model));
         let curve = |points: &[PgdPoint]| Series {
             name: name.clone(),
-            points: points.iter().map(|p| (p.epsilon, 100.0 * p.robust_accuracy)).collect(),
+            points: points
+                .iter()
+                .map(|p| (p.epsilon, 100.0 * p.robust_accuracy))
+                .collect(),
         };
         linf_series.push(curve(&result.linf));
         l2_series.push(curve(&result.l2));
@@ -335,7 +348,10 @@ fn pgd_section(ctx: &mut StageContext, sets: &[(String, PgdResult)]) -> Result<V
         let svg = line_plot_panels(
             "ε",
             "robust accuracy (%)",
-            &[("L∞ PGD".to_string(), linf_series), ("L2 PGD".to_string(), l2_series)],
+            &[
+                ("L∞ PGD".to_string(), linf_series),
+                ("L2 PGD".to_string(), l2_series),
+            ],
         );
         ctx.write_output(&link, svg.as_bytes())?;
         link
@@ -467,7 +483,13 @@ impl StageKind for Report {
                 let result: InvarianceResult = read_json(ctx, stage, "invariance.json")?;
                 flatten_numbers(stage, &tree(&result)?, &mut metrics);
                 for (feature, f) in &result.features {
-                    invariance_rows.push(invariance_row(stage, &attacked_stage(ctx, stage), family(&result.model), feature, f));
+                    invariance_rows.push(invariance_row(
+                        stage,
+                        &attacked_stage(ctx, stage),
+                        family(&result.model),
+                        feature,
+                        f,
+                    ));
                 }
                 invariance_sets.push(json!({
                     "stage": stage, "model": family(&result.model), "pairs": result.pairs, "steps": result.steps,
