@@ -20,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
+use super::feature_matching::select_columns;
 use super::{features_and_gradient, Attackable, Feature};
 use crate::nn::ops::{argmax_rows, cross_entropy};
 use crate::nn::{Dev, T2};
@@ -56,10 +57,11 @@ pub struct Pgd {
 /// The outcome for one batch.
 pub struct Attacked {
     /// Adversarial images `(784, B)` (column layout): the first misclassified iterate of a
-    /// broken example, the last iterate of one that held.
+    /// broken example (it is not moved after that), the last iterate of one that held.
     pub images: Vec<f32>,
     pub broken: Vec<bool>,
-    /// The model's class of each returned image.
+    /// The model's class of each returned image (when it was evaluated: at the break, or
+    /// after the last step).
     pub prediction: Vec<u8>,
 }
 
@@ -116,68 +118,69 @@ impl Pgd {
         }
 
         let mut broken = vec![false; b];
-        let mut adversarial = x.clone();
+        let mut prediction = vec![0u8; b];
         let alpha = self.step_size();
-        for _ in 0..self.steps {
-            let images: T2 = dev.tensor_from_vec(x.clone(), (rows, b));
-            let (logits, grad) = features_and_gradient(model, &images, Feature::Logits, |logits| {
-                cross_entropy(logits, labels)
-            });
-            let prediction = argmax_rows(&model.scores_from(logits, Feature::Logits));
-            record_breaks(&prediction, labels, &x, b, &mut broken, &mut adversarial);
-            let active: Vec<bool> = broken.iter().map(|&done| !done).collect();
-            match self.norm {
-                Norm::Linf => {
-                    for (i, (v, g)) in x.iter_mut().zip(&grad).enumerate() {
-                        if active[i % b] {
-                            // sign(0) = 0: no direction, no move.
-                            *v += alpha
-                                * if *g > 0.0 {
+        // A broken example is frozen at its first misclassified iterate, and the batch shrinks
+        // to the examples still holding. After the last step the iterate is only evaluated.
+        for step in 0..=self.steps {
+            let active: Vec<usize> = (0..b).filter(|&n| !broken[n]).collect();
+            if active.is_empty() {
+                break;
+            }
+            let a = active.len();
+            let images: T2 = dev.tensor_from_vec(select_columns(&x, b, &active), (rows, a));
+            let labels_a: Vec<u8> = active.iter().map(|&n| labels[n]).collect();
+            let last = step == self.steps;
+            let (logits, grad) = if last {
+                (model.features(images, Feature::Logits), Vec::new())
+            } else {
+                features_and_gradient(model, &images, Feature::Logits, |logits| {
+                    cross_entropy(logits, &labels_a)
+                })
+            };
+            let classes = argmax_rows(&model.scores_from(logits, Feature::Logits));
+            let mut moving = vec![false; b];
+            for (j, &n) in active.iter().enumerate() {
+                prediction[n] = classes[j];
+                broken[n] = classes[j] != labels[n];
+                moving[n] = !broken[n] && !last;
+            }
+            if last {
+                break;
+            }
+            let grad_norms = column_norms(&grad, a);
+            for (j, &n) in active.iter().enumerate() {
+                if !moving[n] {
+                    continue;
+                }
+                for r in 0..rows {
+                    let g = grad[r * a + j];
+                    x[r * b + n] += match self.norm {
+                        // sign(0) = 0: no direction, no move.
+                        Norm::Linf => {
+                            alpha
+                                * if g > 0.0 {
                                     1.0
-                                } else if *g < 0.0 {
+                                } else if g < 0.0 {
                                     -1.0
                                 } else {
                                     0.0
-                                };
+                                }
                         }
-                    }
-                }
-                Norm::L2 => {
-                    let norms = column_norms(&grad, b);
-                    for (i, (v, g)) in x.iter_mut().zip(&grad).enumerate() {
-                        let n = i % b;
-                        if active[n] && norms[n] > 0.0 {
-                            *v += alpha * g / norms[n];
-                        }
-                    }
+                        Norm::L2 if grad_norms[j] > 0.0 => alpha * g / grad_norms[j],
+                        Norm::L2 => 0.0,
+                    };
                 }
             }
-            self.project(&mut x, clean, b, &active);
+            self.project(&mut x, clean, b, &moving);
             if let Some(f) = observe.as_deref_mut() {
                 f(&x);
             }
             dev.empty_cache();
         }
-        let images: T2 = dev.tensor_from_vec(x.clone(), (rows, b));
-        record_breaks(
-            &model.predict(&images),
-            labels,
-            &x,
-            b,
-            &mut broken,
-            &mut adversarial,
-        );
-        // Images that held keep their last iterate.
-        for (i, v) in adversarial.iter_mut().enumerate() {
-            if !broken[i % b] {
-                *v = x[i];
-            }
-        }
-        let images: T2 = dev.tensor_from_vec(adversarial.clone(), (rows, b));
-        let prediction = model.predict(&images);
         dev.empty_cache();
         Attacked {
-            images: adversarial,
+            images: x,
             broken,
             prediction,
         }
@@ -209,28 +212,6 @@ impl Pgd {
                 *v = v.clamp(0.0, 1.0);
             }
         }
-    }
-}
-
-/// Marks newly misclassified columns broken and keeps their current image.
-fn record_breaks(
-    prediction: &[u8],
-    labels: &[u8],
-    x: &[f32],
-    b: usize,
-    broken: &mut [bool],
-    adversarial: &mut [f32],
-) {
-    let newly: Vec<bool> = (0..b)
-        .map(|n| !broken[n] && prediction[n] != labels[n])
-        .collect();
-    for (i, v) in adversarial.iter_mut().enumerate() {
-        if newly[i % b] {
-            *v = x[i];
-        }
-    }
-    for (done, new) in broken.iter_mut().zip(newly) {
-        *done |= new;
     }
 }
 
@@ -332,7 +313,13 @@ mod tests {
                 &mut crate::nn::rng_for(0, "start"),
                 Some(&mut check),
             );
-            assert_eq!(iterates, 21, "the start and every step were observed");
+            // The start and every step were observed; the run ends early only once every
+            // example is broken (then nothing moves any more).
+            assert!(iterates >= 2, "{iterates} iterates");
+            assert!(
+                iterates == 21 || result.broken.iter().all(|&b| b),
+                "stopped after {iterates} iterates with examples still holding"
+            );
             // The attack does something on this toy: more than the two clean errors break.
             if epsilon >= 0.3 || norm == Norm::L2 {
                 let broken = result.broken.iter().filter(|&&b| b).count();

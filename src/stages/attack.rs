@@ -317,11 +317,19 @@ fn correct_pairs(
     setting: &Setting,
     n: usize,
     batch: usize,
-) -> Vec<(usize, usize)> {
+) -> Result<Vec<(usize, usize)>> {
     let labels = &setting.data.test_labels;
     let mut rng = rng_for(ctx.seed(), "attack-pairs");
     let mut pairs = Vec::with_capacity(n);
+    let mut drawn = 0;
     while pairs.len() < n {
+        // A model that gets almost nothing right would make this loop forever.
+        ensure!(
+            drawn < 100 * n + 10_000,
+            "stage {}: the model classified only {} of {drawn} drawn test pairs correctly (both images); is it trained?",
+            ctx.name(),
+            pairs.len()
+        );
         let mut candidates = Vec::new();
         while candidates.len() < n - pairs.len() {
             let (s, t) = (
@@ -332,6 +340,7 @@ fn correct_pairs(
                 candidates.push((s, t));
             }
         }
+        drawn += candidates.len();
         let flat: Vec<usize> = candidates.iter().flat_map(|&(s, t)| [s, t]).collect();
         let predicted = setting.predict(&flat, batch);
         for (i, &(s, t)) in candidates.iter().enumerate() {
@@ -340,7 +349,7 @@ fn correct_pairs(
             }
         }
     }
-    pairs
+    Ok(pairs)
 }
 
 fn feature_matching(
@@ -353,7 +362,7 @@ fn feature_matching(
     let lr = params.lr.unwrap_or_default();
     let success_distance = params.success_distance.unwrap_or_default();
     let labels = &setting.data.test_labels;
-    let pairs = correct_pairs(ctx, setting, params.examples, params.batch_size);
+    let pairs = correct_pairs(ctx, setting, params.examples, params.batch_size)?;
     ctx.log(format!(
         "{} pairs on the {} ({} steps of Adam, lr {lr}); features: {}",
         pairs.len(),
