@@ -533,10 +533,7 @@ fn gc_waits_for_a_running_build_and_leaves_the_store_consistent() {
     let sets = ["slow.steps=20", "slow.step_ms=50"];
     let store = Store::open(&repo.store_dir()).unwrap();
     let build = std::thread::scope(|scope| {
-        let build = scope.spawn(|| {
-            let record = repo.run(&sets);
-            (record, std::time::Instant::now())
-        });
+        let build = scope.spawn(|| repo.run(&sets));
         // Wait until the slow stage is building, then collect garbage.
         let checkpoints = repo.store_dir().join("tmp/checkpoints");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -545,7 +542,7 @@ fn gc_waits_for_a_running_build_and_leaves_the_store_consistent() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let alone = store.lock_exclusive().unwrap();
-        let gc_started = std::time::Instant::now();
+        let gc_started = std::time::SystemTime::now();
         // What gc keeps: the current keys (nothing of a build in flight is among them yet).
         let keep = repo
             .status(&sets)
@@ -554,9 +551,16 @@ fn gc_waits_for_a_running_build_and_leaves_the_store_consistent() {
             .collect();
         maintain::gc(&store, &keep).unwrap();
         drop(alone);
-        let (record, build_ended) = build.join().unwrap();
+        let record = build.join().unwrap();
+        // The build wrote the slow stage's ref while holding the store shared, so it must
+        // predate gc's exclusive hold. (Timing the build's return instead raced: gc can wake
+        // between the lock's release and the build thread reading its clock, under load.)
+        let ref_written = std::fs::metadata(repo.store_dir().join("refs/slow"))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert!(
-            build_ended <= gc_started,
+            ref_written <= gc_started,
             "gc started before the build it would race with had finished"
         );
         record
