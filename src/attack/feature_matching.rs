@@ -116,8 +116,7 @@ impl FeatureMatching {
             let last = step == self.steps + 1;
             let (values, grad) = if last {
                 // After the last step: the final iterate is only evaluated.
-                let images_no_grad = images.clone();
-                (model.features(images_no_grad, self.feature), Vec::new())
+                (model.features(images, self.feature), Vec::new())
             } else {
                 features_and_gradient(model, &images, self.feature, |h| {
                     ((h - targets_tensor.clone()).square() * weights.clone()).sum()

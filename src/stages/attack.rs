@@ -422,23 +422,6 @@ fn feature_matching(
                 images[f].extend(column(&matched.images, b, n));
             }
         }
-        let of_feature: Vec<&InvarianceExample> = rows
-            .iter()
-            .filter(|r| r.feature == feature.name())
-            .collect();
-        let successes = of_feature.iter().filter(|r| r.success).count();
-        ctx.log(format!(
-            "{}: success {successes}/{} ; median relative distance {:.2e}",
-            feature.name(),
-            of_feature.len(),
-            spread(
-                &of_feature
-                    .iter()
-                    .map(|r| r.relative_distance)
-                    .collect::<Vec<_>>()
-            )
-            .median
-        ));
     }
 
     let mut summary = std::collections::BTreeMap::new();
@@ -467,9 +450,10 @@ fn feature_matching(
         };
         let j = &result.attacked;
         ctx.log(format!(
-            "{}: success {:.1} %; judges on all attacked images: oracle source {:.1} % / target {:.1} %, k-NN source {:.1} % / target {:.1} %, agree {:.1} %",
+            "{}: success {:.1} %, median relative distance {:.2e}; judges on all attacked images: oracle source {:.1} % / target {:.1} %, k-NN source {:.1} % / target {:.1} %, agree {:.1} %",
             feature.name(),
             100.0 * result.success_rate,
+            result.relative_distance.median,
             100.0 * j.oracle.source,
             100.0 * j.oracle.target,
             100.0 * j.knn.source,
