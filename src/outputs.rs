@@ -18,6 +18,7 @@
 //! | `knn.json` | `knn` | `attack`, `report` |
 //! | `invariance.json`, `examples.json` | `attack` (feature matching) | `report` |
 //! | `pgd.json`, `examples.json` | `attack` (PGD) | `report` |
+//! | `shortcut.json` | `shortcut` | `report` |
 //!
 //! (`summary.json` of the dataset stages is `crate::data::DatasetSummary`.)
 
@@ -321,6 +322,27 @@ pub struct PgdExample {
     pub knn: u8,
 }
 
+/// `shortcut.json` of a `shortcut` stage: one model trained on a shiftMNIST variant, on the
+/// four sets (errors in % of the first `n_train` / `n_test` images).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShortcutResult {
+    pub model: ModelConfig,
+    pub parameters: usize,
+    pub n_train: usize,
+    pub n_test: usize,
+    /// Training images, shortcut present.
+    pub train_error: f64,
+    /// Test images with their own label's shortcut.
+    pub present_error: f64,
+    /// Test images with another class's shortcut.
+    pub broken_error: f64,
+    /// Test images without a shortcut.
+    pub removed_error: f64,
+    /// % of broken test images predicted as the class their shortcut names.
+    pub follows_shortcut: f64,
+}
+
 /// Pretty JSON with keys sorted at every level.
 pub fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     // serde_json's `Value` map is sorted (no `preserve_order`), so this sorts every level.
@@ -348,6 +370,209 @@ pub fn read_json<T: DeserializeOwned>(
         &format!("{file} of stage {stage}"),
     )
 }
+
+// ==== adversarial spheres (paper § 3's spheres figure; claim C9) ====================
+//
+// | file | written by | read by |
+// |---|---|---|
+// | `summary.json` | `spheres` | `spheres_flow`, `spheres_misaligned`, `report` |
+// | `spheres.json` | `spheres_flow` | `report` |
+// | `misaligned.json` | `spheres_misaligned` | `report` |
+
+/// `summary.json` of the `spheres` data stage: the two spheres and the two sets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpheresSummary {
+    pub d: usize,
+    /// Radius of the inner sphere (class 0) and of the outer sphere (class 1).
+    pub r_inner: f64,
+    pub r_outer: f64,
+    pub seed: u64,
+    pub train: SpheresSplit,
+    pub test: SpheresSplit,
+    /// max |‖x‖ − R| / R over both sets (f32 storage rounding).
+    pub max_relative_radius_error: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpheresSplit {
+    pub n: usize,
+    pub inner: usize,
+    pub outer: usize,
+}
+
+/// Five-number summary of a per-example quantity.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quartiles {
+    pub min: f64,
+    pub q1: f64,
+    pub median: f64,
+    pub q3: f64,
+    pub max: f64,
+}
+
+impl Quartiles {
+    /// Of `values` (linear interpolation between order statistics; all 0 when empty).
+    pub fn of(values: &[f64]) -> Quartiles {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| -> f64 {
+            if v.is_empty() {
+                return 0.0;
+            }
+            let pos = q * (v.len() - 1) as f64;
+            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+        };
+        Quartiles {
+            min: at(0.0),
+            q1: at(0.25),
+            median: at(0.5),
+            q3: at(0.75),
+            max: at(1.0),
+        }
+    }
+}
+
+/// `spheres.json` of a `spheres_flow` stage (errors in %).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpheresFlowResult {
+    pub data: SpheresSummary,
+    pub model: crate::nn::vector_flow::VectorFlowConfig,
+    pub parameters: usize,
+    pub training: crate::nn::vector_flow::VectorTrainSettings,
+    pub device: String,
+    pub n_train: usize,
+    pub n_test: usize,
+    pub history: Vec<crate::nn::vector_flow::VectorEpoch>,
+    /// The logit classifier (argmax z_s), evaluation mode, on all `n_train` / `n_test` points.
+    pub train_error: f64,
+    pub test_error: f64,
+    pub metamers: SpheresMetamers,
+    pub nuisance: SpheresNuisance,
+    pub heatmaps: SpheresHeatmaps,
+    /// Every figure file this stage wrote.
+    pub figures: Vec<String>,
+}
+
+/// Metamers x_met = F⁻¹(z_s(A), z_n(B)) of (inner A, outer B) test pairs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpheresMetamers {
+    pub pairs: usize,
+    /// ‖x_met‖, and for reference ‖A‖ (= R₁) and ‖B‖ (= R₂).
+    pub norm: Quartiles,
+    pub logit_source_norm: Quartiles,
+    pub nuisance_source_norm: Quartiles,
+    /// Fraction of metamers the fi-RevNet's logits call inner.
+    pub fraction_called_inner: f64,
+    /// Fraction whose decision equals A's (must be 1: x_met has A's logits).
+    pub fraction_same_decision_as_logit_source: f64,
+    /// max |z_s(x_met) − z_s(A)|.
+    pub max_logit_diff: f32,
+    /// ‖F⁻¹(F(x)) − x‖∞ on the sources A and on the metamers.
+    pub reconstruction_data: f32,
+    pub reconstruction_metamer: f32,
+    /// The ground truth of the spheres: fraction of metamers nearer the outer sphere than the
+    /// inner one (|‖x_met‖ − R₂| < |‖x_met‖ − R₁|), i.e. that "look like" B.
+    pub fraction_nearer_outer: f64,
+    /// Fraction the post-hoc nuisance classifier (on z_n) calls outer.
+    pub nuisance_classifier_says_outer: f64,
+}
+
+/// The post-hoc nuisance classifier: an MLP trained on the frozen z_n of training points
+/// (the `probe` stage's trainer), and for iCE the jointly trained adversary beside it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpheresNuisance {
+    pub settings: crate::nn::nuisance::ProbeSettings,
+    pub n_fit: usize,
+    pub n_validation: usize,
+    pub best_epoch: usize,
+    pub train: Readout,
+    pub test: Readout,
+    /// iCE: the adversary on the test z_n (`null` for CE).
+    pub adversary_test: Option<Readout>,
+}
+
+/// The decision-boundary heat maps: one PNG of 2 × 2 panels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpheresHeatmaps {
+    pub file: String,
+    /// Grid points per side of a panel, and the half-width of a panel (in units of x).
+    pub grid: usize,
+    pub extent: f64,
+    /// Pixels per grid point, and the gap between panels in pixels.
+    pub scale: usize,
+    pub gap: usize,
+    /// What the colours and marks mean.
+    pub legend: String,
+    pub panels: Vec<HeatmapPanel>,
+    /// The point x (an inner test point, metamer pair 0's A) and its metamer, in the
+    /// coordinates of the x–x_met plane (x = (‖x‖, 0)).
+    pub x_norm: f64,
+    pub x_met_in_plane: [f64; 2],
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeatmapPanel {
+    /// Position in the 2 × 2 layout (row 0 = top).
+    pub row: usize,
+    pub col: usize,
+    /// `x1-x2` (other coordinates 0) or `x-x_met` (the plane through 0, x and x_met).
+    pub plane: String,
+    /// `logits` (softmax of z_s) or `nuisance` (the post-hoc classifier on z_n).
+    pub classifier: String,
+    /// Fraction of the panel's grid points with P(outer) > 0.5.
+    pub fraction_outer: f64,
+    /// P(outer) at x and at x_met (`x-x_met` panels only).
+    pub p_outer_at_x: Option<f64>,
+    pub p_outer_at_x_met: Option<f64>,
+}
+
+/// `misaligned.json` of the `spheres_misaligned` stage (accuracies in %).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MisalignedResult {
+    pub data: SpheresSummary,
+    /// The classifier: an MLP on x with coordinate `ignored_coordinate` (0-based, = d − 1)
+    /// set to 0, so it cannot read x_d.
+    pub classifier: crate::nn::nuisance::MlpConfig,
+    pub settings: crate::nn::nuisance::ProbeSettings,
+    pub ignored_coordinate: usize,
+    pub n_fit: usize,
+    pub n_validation: usize,
+    pub n_test: usize,
+    pub best_epoch: usize,
+    /// On the clean test set.
+    pub clean_accuracy: f64,
+    /// Inner test points moved onto the outer sphere along x_d (now class 1).
+    pub n_moved: usize,
+    /// max |‖x_moved‖ − R₂| / R₂.
+    pub moved_max_relative_radius_error: f64,
+    /// On the moved set: the moved points and the outer test points (expect ≈ 50 %).
+    pub moved_set_accuracy: f64,
+    /// On the moved points alone (expect ≈ 0 %).
+    pub moved_points_accuracy: f64,
+    /// The control: the same MLP and training reading every coordinate.
+    pub aligned: AlignedControl,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignedControl {
+    pub best_epoch: usize,
+    pub clean_accuracy: f64,
+    pub moved_set_accuracy: f64,
+    pub moved_points_accuracy: f64,
+}
+
+// ==== end of adversarial spheres ====================================================
 
 #[cfg(test)]
 mod tests {

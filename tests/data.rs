@@ -1,9 +1,12 @@
-//! Dataset readers: the pinned MNIST pickle decodes to the canonical arrays (counts and content
-//! hashes pinned), the IDX route gives the same bytes, and malformed files are refused.
+//! Dataset readers: the pinned MNIST pickle and the pinned Fashion-MNIST Debian package decode
+//! to the canonical arrays (counts and content hashes pinned), the IDX route gives the same
+//! bytes, and malformed or mismatching files are refused.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use repro::data::{idx, mnist, npy_bytes, Dataset};
+use repro::data::{deb, idx, mnist, Dataset};
 
 fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
@@ -143,22 +146,172 @@ fn a_wrong_or_truncated_archive_names_expected_and_actual_hash() {
     );
 }
 
-#[test]
-fn fashion_mnist_from_the_debian_package_when_installed() {
-    let dir = std::path::Path::new("/usr/share/datasets/fashion-mnist");
-    if idx::dataset_files(dir).is_err() {
-        eprintln!(
-            "SKIPPED: {} is absent (apt-get install dataset-fashion-mnist)",
-            dir.display()
-        );
-        return;
+/// The pinned Fashion-MNIST package, as in pipeline/pipeline.toml.
+fn fashion_source() -> deb::PinnedDeb {
+    let member = |stem: &str, sha256: &str| deb::PinnedMember {
+        path: format!("usr/share/datasets/fashion-mnist/{stem}.gz"),
+        sha256: sha256.into(),
+    };
+    deb::PinnedDeb {
+        package: "dataset-fashion-mnist".into(),
+        version: "0.0~git20200523.55506a9-1".into(),
+        deb: "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb".into(),
+        deb_sha256: "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0".into(),
+        members: vec![
+            member(
+                idx::FILES[0],
+                "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+            ),
+            member(
+                idx::FILES[1],
+                "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+            ),
+            member(
+                idx::FILES[2],
+                "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+            ),
+            member(
+                idx::FILES[3],
+                "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+            ),
+        ],
     }
-    let data = idx::read_dataset(dir).unwrap();
+}
+
+/// The pinned .deb in the download cache, fetched (30.9 MB) at most once per test process.
+fn fashion_deb() -> PathBuf {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(|| {
+        deb::fetch(&fashion_source(), "", &mut |line| eprintln!("{line}"))
+            .expect("the pinned .deb (needs Debian's archive or the cache)")
+    })
+    .clone()
+}
+
+/// The four pinned IDX members of the .deb, hashes checked.
+fn fashion_members() -> [(PathBuf, Vec<u8>); 4] {
+    deb::read_members(&fashion_deb(), &fashion_source())
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+fn canonical_fashion_mnist() -> Dataset {
+    idx::dataset_from_bytes(&fashion_deb(), fashion_members()).unwrap()
+}
+
+/// Content hashes of Fashion-MNIST's canonical `.npy` files, pinned like MNIST's (any change to
+/// unpacking, decoding or the `.npy` encoding shows up here).
+const FASHION_NPY_SHA256: [(&str, &str); 4] = [
+    (
+        "train_images.npy",
+        "7d6e1600ec478d08779c5dc3967fbb6b1a63c602f75b7889703d450a10cf0a0d",
+    ),
+    (
+        "train_labels.npy",
+        "7963124966bb8401bf5876e1c8771fb640c02bca416baf33c8567260ebd007b5",
+    ),
+    (
+        "test_images.npy",
+        "3635c0b55aa8fcc9719e2a77ac8aa11a0abee6a5b45fad5ef763478feae7c575",
+    ),
+    (
+        "test_labels.npy",
+        "47c7afcfd5ffb33c75d8d8163d6c49c015e7ff56d83d80c476f1af95aa93276c",
+    ),
+];
+
+#[test]
+fn fashion_mnist_from_the_pinned_deb_has_the_standard_counts_and_the_pinned_content_hashes() {
+    let data = canonical_fashion_mnist();
+    assert_eq!(data.train.len(), 60_000);
+    assert_eq!(data.test.len(), 10_000);
     assert_eq!(data.train.class_counts(), [6000; 10]);
     assert_eq!(data.test.class_counts(), [1000; 10]);
-    // Same canonical encoding as MNIST: 28x28 u8.
+    // The first training and the first test item of Fashion-MNIST are both ankle boots (9).
+    assert_eq!((data.train.labels[0], data.test.labels[0]), (9, 9));
+    for ((name, bytes), (pinned_name, pinned)) in
+        data.npy_files().unwrap().iter().zip(FASHION_NPY_SHA256)
+    {
+        assert_eq!(*name, pinned_name);
+        assert_eq!(sha256(bytes), pinned, "{name}");
+    }
+}
+
+#[test]
+fn fashion_mnist_from_the_deb_and_from_idx_files_in_a_directory_are_byte_identical() {
+    let from_deb = canonical_fashion_mnist().npy_files().unwrap();
+    // The package's own IDX files, unpacked into a directory as `apt-get install` would.
+    let dir = tempfile::tempdir().unwrap();
+    for (path, bytes) in fashion_members() {
+        std::fs::write(dir.path().join(path.file_name().unwrap()), bytes).unwrap();
+    }
+    let from_dir = idx::read_dataset(dir.path()).unwrap().npy_files().unwrap();
+    assert_eq!(from_dir, from_deb);
+
+    let installed = Path::new("/usr/share/datasets/fashion-mnist");
+    if idx::dataset_files(installed).is_ok() {
+        let from_installed = idx::read_dataset(installed).unwrap().npy_files().unwrap();
+        assert_eq!(from_installed, from_deb, "{}", installed.display());
+    } else {
+        eprintln!(
+            "SKIPPED (this part only): {} is absent, so the installed package is not compared",
+            installed.display()
+        );
+    }
+}
+
+#[test]
+fn fashion_mnist_with_a_wrong_pinned_hash_fails_naming_file_and_both_hashes() {
+    let source = fashion_source();
+    let real = fashion_deb();
+    let wrong = "0".repeat(64);
+
+    // A download that does not match its pin is refused, and the cache keeps what it had.
+    let mut pinned_wrong = source.clone();
+    pinned_wrong.deb_sha256 = wrong.clone();
+    let err = format!(
+        "{:#}",
+        deb::fetch(&pinned_wrong, "", &mut |line| eprintln!("{line}")).unwrap_err()
+    );
+    assert!(
+        err.contains(&source.deb)
+            && err.contains(&wrong)
+            && err.contains(&source.deb_sha256)
+            && err.contains("nothing was cached"),
+        "{err}"
+    );
     assert_eq!(
-        npy_bytes(&data.test.images).unwrap().len(),
-        10_000 * 28 * 28 + 128
+        sha256(&std::fs::read(&real).unwrap()),
+        source.deb_sha256,
+        "the cached package is untouched"
+    );
+
+    // A truncated local copy names itself, the pinned and the actual hash.
+    let bytes = std::fs::read(&real).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let truncated = dir.path().join("fashion-truncated.deb");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let err = deb::read_members(&truncated, &source)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fashion-truncated.deb")
+            && err.contains(&source.deb_sha256)
+            && err.contains(&sha256(&bytes[..bytes.len() / 3])),
+        "{err}"
+    );
+
+    // A member that does not match its pin names the member inside the package.
+    let mut member_wrong = source.clone();
+    member_wrong.members[3].sha256 = wrong.clone();
+    let err = deb::read_members(&real, &member_wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+            && err.contains(&wrong)
+            && err.contains(&source.members[3].sha256),
+        "{err}"
     );
 }

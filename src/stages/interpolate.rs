@@ -4,7 +4,7 @@
 //! `steps` steps (t = 0 … 1); under CE the decoded image changes *class* along the path
 //! (the class content lives in z_n), under iCE only its *style*. Every point on a path has
 //! exactly A's logits, so the model's own decision never changes; the oracle says what the
-//! image looks like.
+//! image looks like. The same kind runs on Fashion-MNIST (C15: C7 on a second dataset).
 //! Inputs: a fi-RevNet's `weights.safetensors`, the oracle's `member*.safetensors`, the MNIST
 //! test arrays. Outputs: `interpolation.json` (per path: A, B, their labels, the oracle's
 //! label at every step; the fraction of paths whose oracle label changes anywhere along the
@@ -14,7 +14,7 @@
 //!
 //! Params: `paths` (≥ 1), `steps` (≥ 2: both ends), `grid_paths` (≤ paths).
 //!
-//! Claims: C7
+//! Claims: C7, C15
 //! Modules: data, nn, oracle, outputs, report/figures
 
 use anyhow::{bail, Result};

@@ -3,9 +3,10 @@
 //! Paper: § 3 and Fig. 4 (logit source / metamer / nuisance source); claims C5 (metamers have
 //! exactly A's logits) and C6 (under CE they look like B; under iCE like A: judged by the
 //! oracle). For `pairs` seeded test pairs (A, B) with different labels,
-//! x_met = F⁻¹(z_s(A), z_n(B)).
+//! x_met = F⁻¹(z_s(A), z_n(B)). The same kind runs on Fashion-MNIST (C13, C14: C5 and C6 on a
+//! second dataset, judged by a Fashion-MNIST oracle).
 //! Inputs: a fi-RevNet's `weights.safetensors`, the oracle's `member*.safetensors`, and the
-//! MNIST test arrays. Outputs: `metamers.npy` (pairs × 28 × 28 f32: the digit channel of each
+//! test arrays of the dataset the model was trained on. Outputs: `metamers.npy` (pairs × 28 × 28 f32: the digit channel of each
 //! metamer, cropped to 28×28 and clamped to [0, 1], which is what the oracle sees),
 //! `metamers.json` (max |z_s(x_met) − z_s(A)|, ‖F⁻¹(F(x)) − x‖∞ on data and on metamers, the
 //! oracle's label per metamer and the fractions equal to label(A) / label(B)), and
@@ -15,7 +16,7 @@
 //!
 //! Params: `pairs` (≥ 1), `grid_pairs` (≤ pairs).
 //!
-//! Claims: C5, C6
+//! Claims: C5, C6, C13, C14
 //! Modules: data, nn, oracle, outputs, report/figures
 
 use anyhow::Result;

@@ -20,6 +20,11 @@ pub mod metamers;
 pub mod mnist;
 pub mod probe;
 pub mod report;
+pub mod shift_mnist;
+pub mod shortcut;
+pub mod spheres;
+pub mod spheres_flow;
+pub mod spheres_misaligned;
 pub mod train;
 
 use crate::engine::Registry;
@@ -51,5 +56,10 @@ pub fn registry() -> Registry {
         .with(ablation::Ablation)
         .with(knn::Knn)
         .with(attack::Attack)
+        .with(shift_mnist::ShiftMnist)
+        .with(shortcut::ShortcutStage)
+        .with(spheres::Spheres)
+        .with(spheres_flow::SpheresFlow)
+        .with(spheres_misaligned::SpheresMisaligned)
         .with(report::Report)
 }

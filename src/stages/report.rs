@@ -35,7 +35,8 @@ use crate::data::DatasetSummary;
 use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
 use crate::outputs::{
     read_json, AblationResult, EnsembleResult, Evaluation, FeatureMatching, InterpolationResult,
-    InvarianceResult, KnnResult, MetamerResult, PgdPoint, PgdResult, ProbeResult, TrainMetrics,
+    InvarianceResult, KnnResult, MetamerResult, PgdPoint, PgdResult, ProbeResult, ShortcutResult,
+    TrainMetrics,
 };
 use crate::report::figures::{bar_chart, line_plot_panels, BarGroup, Series};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
@@ -111,7 +112,7 @@ fn ice_protocol(trainings: &[Value]) -> Vec<Value> {
     trainings
         .iter()
         .filter(|t| t["objective"] == "ice")
-        .map(|t| json!({ "stage": t["stage"], "settings": t["settings"]["ice"] }))
+        .map(|t| json!({ "stage": t["stage"], "dataset": t["dataset"], "settings": t["settings"]["ice"] }))
         .collect()
 }
 
@@ -251,7 +252,8 @@ fn family(config: &crate::nn::model::ModelConfig) -> &'static str {
     }
 }
 
-/// The stage whose weights an attack stage attacked (its `*/weights.safetensors` input).
+/// The stage whose weights a stage read (its `*/weights.safetensors` input): the model an
+/// attack attacked, or a `shortcut` stage scored.
 fn attacked_stage(ctx: &StageContext, stage: &str) -> String {
     ctx.upstream_manifest(stage)
         .and_then(|m| {
@@ -262,6 +264,88 @@ fn attacked_stage(ctx: &StageContext, stage: &str) -> String {
             })
         })
         .unwrap_or_default()
+}
+
+/// The dataset stage a stage reads directly (the first of its inputs that comes from one of
+/// `dataset_stages`), or "" when it reads none: tells MNIST, Fashion-MNIST and shiftMNIST runs
+/// of the same stage kind apart.
+fn dataset_of(ctx: &StageContext, stage: &str, dataset_stages: &[String]) -> String {
+    ctx.upstream_manifest(stage)
+        .and_then(|m| {
+            m.key_fields.inputs.iter().find_map(|i| {
+                let from = i.name.split('/').next().unwrap_or_default();
+                dataset_stages.iter().find(|d| d.as_str() == from).cloned()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// shiftMNIST: one table per variant (dataset stage), one row per trained model, from the
+/// `shortcut` stages; the CE / iCE ratio of the broken-shortcut error is C10's number.
+fn shift_section(
+    ctx: &mut StageContext,
+    sets: &[(String, ShortcutResult)],
+    trainings: &[Value],
+    dataset_stages: &[String],
+) -> Result<Vec<Value>> {
+    let mut variants: Vec<String> = Vec::new();
+    let mut rows: Vec<(String, Value)> = Vec::new();
+    for (stage, result) in sets {
+        let variant = dataset_of(ctx, stage, dataset_stages);
+        if !variants.contains(&variant) {
+            variants.push(variant.clone());
+        }
+        let trained = attacked_stage(ctx, stage);
+        let objective = trainings
+            .iter()
+            .find(|t| t["stage"] == trained.as_str())
+            .map_or("ce".to_string(), |t| t["objective"].as_str().unwrap_or("ce").to_string());
+        let model = format!("{} ({})", family(&result.model), objective.to_uppercase());
+        rows.push((
+            variant,
+            json!({
+                "stage": stage, "trained_stage": trained, "model": model, "objective": objective,
+                "is_revnet": family(&result.model) == "fi-RevNet",
+                "n_train": result.n_train, "n_test": result.n_test,
+                "train_error": format!("{:.2}", result.train_error),
+                "present_error": format!("{:.2}", result.present_error),
+                "broken_error": format!("{:.2}", result.broken_error),
+                "removed_error": format!("{:.2}", result.removed_error),
+                "follows_shortcut": format!("{:.1}", result.follows_shortcut),
+                "broken_raw": result.broken_error,
+                "provenance": upstream_provenance(ctx, stage),
+            }),
+        ));
+    }
+    let mut out = Vec::new();
+    for variant in variants {
+        let of_variant: Vec<Value> = rows
+            .iter()
+            .filter(|(v, _)| *v == variant)
+            .map(|(_, r)| r.clone())
+            .collect();
+        let revnet = |objective: &str| {
+            of_variant
+                .iter()
+                .find(|r| r["is_revnet"] == true && r["objective"] == objective)
+                .and_then(|r| r["broken_raw"].as_f64())
+        };
+        let ratio = match (revnet("ce"), revnet("ice")) {
+            (Some(ce), Some(ice)) if ice > 0.0 => format!("{:.2}", ce / ice),
+            (Some(_), Some(_)) => "∞ (iCE made no error)".to_string(),
+            _ => "not run".to_string(),
+        };
+        let name = if ctx.has_input(&variant) && ctx.input_names(&variant).contains(&"summary.json") {
+            read_json::<DatasetSummary>(ctx, &variant, "summary.json")?.name
+        } else {
+            variant.clone()
+        };
+        out.push(json!({
+            "dataset": variant, "name": name, "rows": of_variant, "ce_over_ice": ratio,
+            "examples": copy_figure(ctx, &variant, "examples.png")?,
+        }));
+    }
+    Ok(out)
 }
 
 /// Sensitivity beside invariance, one row per attacked model: how far PGD must move an image
@@ -392,7 +476,14 @@ impl StageKind for Report {
         let mut invariance_rows = Vec::new();
         let mut invariance_sets = Vec::new();
         let mut pgd_sets: Vec<(String, PgdResult)> = Vec::new();
+        let mut shortcut_sets: Vec<(String, ShortcutResult)> = Vec::new();
+        let dataset_stages: Vec<String> = upstream
+            .iter()
+            .filter(|s| ctx.input_names(s).contains(&"summary.json"))
+            .cloned()
+            .collect();
         for stage in &upstream {
+            let dataset = dataset_of(ctx, stage, &dataset_stages);
             let names: Vec<String> = ctx
                 .input_names(stage)
                 .into_iter()
@@ -448,7 +539,7 @@ impl StageKind for Report {
                 flatten_numbers(stage, &tree(&result)?, &mut metrics);
                 let pct = |v: f64| format!("{:.1}", 100.0 * v);
                 interpolations.push(json!({
-                    "stage": stage, "paths": result.paths, "steps": result.steps,
+                    "stage": stage, "dataset": dataset, "paths": result.paths, "steps": result.steps,
                     "strips": copy_figure(ctx, stage, "strips.png")?,
                     "changes": pct(result.fraction_label_changes),
                     "ends_as_b": pct(result.fraction_ends_as_nuisance_source),
@@ -463,7 +554,7 @@ impl StageKind for Report {
                 let pct = |v: f64| format!("{:.1}", 100.0 * v);
                 let sci = |v: f32| format!("{:.2e}", v as f64);
                 metamer_sets.push(json!({
-                    "stage": stage, "pairs": result.pairs, "grid": copy_figure(ctx, stage, "triplets.png")?,
+                    "stage": stage, "dataset": dataset, "pairs": result.pairs, "grid": copy_figure(ctx, stage, "triplets.png")?,
                     "max_logit_diff": sci(result.max_logit_diff), "reconstruction_data": sci(result.reconstruction_data),
                     "reconstruction_metamer": sci(result.reconstruction_metamer),
                     "like_logit_source": pct(result.oracle_agrees_with_logit_source),
@@ -503,10 +594,15 @@ impl StageKind for Report {
                 flatten_numbers(stage, &tree(&result)?, &mut metrics);
                 pgd_sets.push((stage.clone(), result));
             }
+            if has("shortcut.json") {
+                let result: ShortcutResult = read_json(ctx, stage, "shortcut.json")?;
+                flatten_numbers(stage, &tree(&result)?, &mut metrics);
+                shortcut_sets.push((stage.clone(), result));
+            }
             if has("metrics.json") {
                 let m: TrainMetrics = read_json(ctx, stage, "metrics.json")?;
                 trainings.push(json!({
-                    "stage": stage, "model": m.model, "objective": m.objective, "settings": m.settings,
+                    "stage": stage, "dataset": dataset, "model": m.model, "objective": m.objective, "settings": m.settings,
                     "parameters": m.parameters, "history": m.history,
                     "curve": copy_figure(ctx, stage, "curve.svg")?, "provenance": upstream_provenance(ctx, stage),
                 }));
@@ -546,6 +642,7 @@ impl StageKind for Report {
                 "n_train": get(&row.n_train_metric)?,
                 "paper_test": paper(row.paper_test),
                 "paper_train": paper(row.paper_train),
+                "paper_top5": paper(row.paper_top5),
                 "provenance": ctx.upstream_manifest(&row.stage).map(provenance),
             }));
         }
@@ -580,6 +677,7 @@ impl StageKind for Report {
         }
 
         let pgd = pgd_section(ctx, &pgd_sets)?;
+        let shift = shift_section(ctx, &shortcut_sets, &trainings, &dataset_stages)?;
         let context = json!({
             "profile": profile,
             "claims": claim_rows,
@@ -598,6 +696,7 @@ impl StageKind for Report {
                 "invariance_sets": invariance_sets,
                 "pgd": pgd,
             },
+            "shift": shift,
             "text": texts,
         });
         let html = render(
