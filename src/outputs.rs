@@ -463,6 +463,9 @@ pub struct SpheresFlowResult {
 #[serde(deny_unknown_fields)]
 pub struct SpheresMetamers {
     pub pairs: usize,
+    /// Metamers with a non-finite coordinate (the inverse overflowed); the numbers below are
+    /// over the others.
+    pub non_finite: usize,
     /// ‖x_met‖, and for reference ‖A‖ (= R₁) and ‖B‖ (= R₂).
     pub norm: Quartiles,
     pub logit_source_norm: Quartiles,
@@ -530,6 +533,11 @@ pub struct HeatmapPanel {
     pub classifier: String,
     /// Fraction of the panel's grid points with P(outer) > 0.5.
     pub fraction_outer: f64,
+    /// Error (%) on 720 evenly spaced points of the panel's circle R₁ (true class inner) and
+    /// of its circle R₂ (outer): points of the spheres themselves, in directions the data
+    /// hardly visits (in the x1-x2 plane all the mass sits in two coordinates).
+    pub inner_circle_error: f64,
+    pub outer_circle_error: f64,
     /// P(outer) at x and at x_met (`x-x_met` panels only).
     pub p_outer_at_x: Option<f64>,
     pub p_outer_at_x_met: Option<f64>,

@@ -556,45 +556,34 @@ fn ce_step(flow: &VectorFlow, x: T2, labels: &[u8], sums: &mut EpochSums) -> sup
     loss.backward()
 }
 
-/// One iCE step: the adversary's inner steps on detached z_n, then the encoder's gradients of
-/// CE + w_mle·MLE + w_adv·(−min(CE_adv, log C)), as `ice::revnet_ice_step` with the `paper`
-/// variants.
-fn ice_step(
+/// The encoder's iCE loss CE + w_mle·MLE + w_adv·(−min(CE_adv, log C)) of a forward pass
+/// `(z, log|det|)`, for a fixed adversary and prior (on any tape), and the values of its parts: `(loss, ce, nll, wrong,
+/// adversary wrong)`.
+///
+/// z_n is sliced out of z once and shared by the prior and the adversary: dfdx 0.13's `slice`
+/// backward *assigns* the slice's gradient into the source's instead of adding it, so two
+/// overlapping slices of z would keep only one of the two gradients (a test below compares the
+/// whole gradient with finite differences).
+#[allow(clippy::type_complexity)]
+fn ice_encoder_loss<T: Tp>(
     flow: &VectorFlow,
-    parts: &mut IceParts,
-    x: T2,
+    adversary: &Mlp,
+    prior: &FactorialGaussian,
+    (z, logdet): (T2<T>, T1<T>),
     labels: &[u8],
-    sums: &mut EpochSums,
-) -> super::Grads {
-    let s = parts.settings.clone();
+    w_mle: f32,
+    w_adv: f32,
+) -> (Tensor<(), f32, Dev, T>, f32, f32, usize, usize) {
     let b = labels.len() as f32;
     let d = flow.dims() as f32;
-    let (z, logdet) = flow.forward(x.leaky_traced());
-
-    let detached = flow.nuisance(z.retaped::<NoneTape>());
-    let mut adversary_ce = 0.0f64;
-    for _ in 0..s.inner_steps {
-        let logits = parts
-            .adversary
-            .forward(detached.clone().leaky_traced(), None);
-        let loss = log_likelihoods(logits, labels).mean() * -1.0;
-        adversary_ce += loss.retaped::<NoneTape>().array() as f64;
-        let grads = loss.backward();
-        parts
-            .adversary_optimizer
-            .update(&mut parts.adversary, &grads, s.adversary_lr);
-    }
-    drop(detached);
-
-    let z_adversary = z.with_empty_tape();
-    let z_prior = z.with_empty_tape();
+    let zn = flow.nuisance(z.with_empty_tape());
     let logits = flow.logits(z);
-    sums.wrong += count_wrong(&argmax_rows(&logits.retaped::<NoneTape>()), labels);
+    let wrong = count_wrong(&argmax_rows(&logits.retaped::<NoneTape>()), labels);
     let ce = cross_entropy(logits, labels);
-    let log_density = parts.prior.log_density(flow.nuisance(z_prior));
+    let log_density = prior.log_density(zn.with_empty_tape());
     let nll = (log_density + logdet).sum::<(), _>() * (-1.0 / (b * d));
-    let adversary_logits = parts.adversary.forward(flow.nuisance(z_adversary), None);
-    sums.adversary_wrong += count_wrong(
+    let adversary_logits = adversary.forward(zn, None);
+    let adversary_wrong = count_wrong(
         &argmax_rows(&adversary_logits.retaped::<NoneTape>()),
         labels,
     );
@@ -610,15 +599,59 @@ fn ice_step(
     let mask: T1 = log_likelihood
         .device()
         .tensor_from_vec(below, (labels.len(),));
+    // −mean(min(CE_i, log C)) up to a constant: minimising it maximises the adversary's CE.
     let adversarial = (log_likelihood * mask).sum::<(), _>() * (1.0 / b);
+    let (ce_value, nll_value) = (
+        ce.retaped::<NoneTape>().array(),
+        nll.retaped::<NoneTape>().array(),
+    );
+    let loss = ce + nll * w_mle;
+    let loss = loss + adversarial * w_adv;
+    (loss, ce_value, nll_value, wrong, adversary_wrong)
+}
 
+/// One iCE step: the adversary's inner steps on the detached z_n with the true labels, then
+/// the encoder's gradients of [`ice_encoder_loss`] (as `ice::revnet_ice_step` with the `paper`
+/// variants).
+fn ice_step(
+    flow: &VectorFlow,
+    parts: &mut IceParts,
+    x: T2,
+    labels: &[u8],
+    sums: &mut EpochSums,
+) -> super::Grads {
+    let s = parts.settings.clone();
+    let out = flow.forward(x.leaky_traced());
+    let detached = flow.nuisance(out.0.retaped::<NoneTape>());
+    let mut adversary_ce = 0.0f64;
+    for _ in 0..s.inner_steps {
+        let logits = parts
+            .adversary
+            .forward(detached.clone().leaky_traced(), None);
+        let loss = log_likelihoods(logits, labels).mean() * -1.0;
+        adversary_ce += loss.retaped::<NoneTape>().array() as f64;
+        let grads = loss.backward();
+        parts
+            .adversary_optimizer
+            .update(&mut parts.adversary, &grads, s.adversary_lr);
+    }
+    drop(detached);
+    let (loss, ce, nll, wrong, adversary_wrong) = ice_encoder_loss(
+        flow,
+        &parts.adversary,
+        &parts.prior,
+        out,
+        labels,
+        s.w_mle,
+        s.w_adv,
+    );
     sums.batches += 1;
     sums.seen += labels.len();
-    sums.ce += ce.retaped::<NoneTape>().array() as f64;
-    sums.nll += nll.retaped::<NoneTape>().array() as f64;
+    sums.wrong += wrong;
+    sums.adversary_wrong += adversary_wrong;
+    sums.ce += ce as f64;
+    sums.nll += nll as f64;
     sums.adversary_ce += adversary_ce / s.inner_steps.max(1) as f64;
-    let loss = ce + nll * s.w_mle;
-    let loss = loss + adversarial * s.w_adv;
     sums.loss += loss.retaped::<NoneTape>().array() as f64;
     loss.backward()
 }
@@ -645,8 +678,12 @@ mod tests {
 
     /// Moves every parameter off its (often zero) init, so that no layer is the identity.
     fn perturb(flow: &mut VectorFlow, rng: &mut ChaCha8Rng, scale: f32) {
+        perturb_params(flow, rng, scale);
+    }
+
+    fn perturb_params(model: &mut impl HasParams, rng: &mut ChaCha8Rng, scale: f32) {
         let dev = device();
-        flow.visit_mut(&mut |p| {
+        model.visit_mut(&mut |p| {
             let values: Vec<f32> = p
                 .value
                 .as_vec()
@@ -855,6 +892,105 @@ mod tests {
             assert!(
                 nonzero > flow.params().len() / 2,
                 "{coupling:?}: gradients vanish"
+            );
+        }
+    }
+
+    /// Replaces entry `k` of parameter `name` by `v`.
+    fn set_entry(model: &mut impl HasParams, name: &str, k: usize, v: f32) {
+        let dev = device();
+        model.visit_mut(&mut |p| {
+            if p.name == name {
+                let mut values = p.value.as_vec();
+                values[k] = v;
+                *p = Param::new(&dev, p.name.clone(), &p.shape, values);
+            }
+        });
+    }
+
+    /// Autograd against central differences (f32, eps 1e-3) on the first and last entry of
+    /// every parameter of the flow and of the prior, for the CE and the iCE encoder losses.
+    #[test]
+    fn loss_gradients_match_finite_differences() {
+        let dev = device();
+        let (x, y) = tiny_data(32, 6, 4);
+        let indices: Vec<usize> = (0..32).collect();
+        let x = columns(&dev, &x, 6, &indices);
+        let mut flow = flow_with(6, CouplingKind::Affine, 8);
+        let adversary = Mlp::new(
+            &dev,
+            "adversary",
+            MlpConfig {
+                inputs: 4,
+                width: 8,
+                layers: 2,
+                dropout: 0.0,
+                classes: 2,
+            },
+            &mut rng_for(0, "test-adversary"),
+        );
+        let mut prior = FactorialGaussian::new(&dev, 4);
+        perturb_params(&mut prior, &mut ChaCha8Rng::seed_from_u64(9), 0.3);
+        for ice in [false, true] {
+            let loss_of = |flow: &VectorFlow, prior: &FactorialGaussian| -> f64 {
+                if ice {
+                    let out = flow.forward(x.clone());
+                    ice_encoder_loss(flow, &adversary, prior, out, &y, 0.7, 2.0)
+                        .0
+                        .array() as f64
+                } else {
+                    cross_entropy(flow.logits(flow.forward(x.clone()).0), &y).array() as f64
+                }
+            };
+            let grads = if ice {
+                let out = flow.forward(x.clone().leaky_traced());
+                ice_encoder_loss(&flow, &adversary, &prior, out, &y, 0.7, 2.0)
+                    .0
+                    .backward()
+            } else {
+                ce_step(&flow, x.clone(), &y, &mut EpochSums::default())
+            };
+            let mut checked = 0;
+            let targets: Vec<(bool, String, Vec<f32>, Vec<f32>)> = flow
+                .params()
+                .iter()
+                .map(|p| {
+                    (true, p.name.clone(), p.value.as_vec(), {
+                        let g: T2 = grads.get(&p.value);
+                        g.as_vec()
+                    })
+                })
+                .chain(prior.params().iter().filter(|_| ice).map(|p| {
+                    (false, p.name.clone(), p.value.as_vec(), {
+                        let g: T2 = grads.get(&p.value);
+                        g.as_vec()
+                    })
+                }))
+                .collect();
+            for (in_flow, name, values, analytic) in targets {
+                for k in [0, values.len() - 1] {
+                    let eps = 1e-3f32;
+                    let mut at = |v: f32| {
+                        if in_flow {
+                            set_entry(&mut flow, &name, k, v);
+                        } else {
+                            set_entry(&mut prior, &name, k, v);
+                        }
+                        loss_of(&flow, &prior)
+                    };
+                    let numeric = (at(values[k] + eps) - at(values[k] - eps)) / (2.0 * eps as f64);
+                    at(values[k]);
+                    let a = analytic[k] as f64;
+                    assert!(
+                        (numeric - a).abs() <= 2e-3 + 3e-2 * a.abs(),
+                        "ice {ice}: {name}[{k}]: autograd {a}, finite differences {numeric}"
+                    );
+                    checked += (a.abs() > 1e-4) as usize;
+                }
+            }
+            assert!(
+                checked > 10,
+                "ice {ice}: too few non-zero gradients ({checked})"
             );
         }
     }

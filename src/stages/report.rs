@@ -35,8 +35,8 @@ use crate::data::DatasetSummary;
 use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
 use crate::outputs::{
     read_json, AblationResult, EnsembleResult, Evaluation, FeatureMatching, InterpolationResult,
-    InvarianceResult, KnnResult, MetamerResult, PgdPoint, PgdResult, ProbeResult, ShortcutResult,
-    TrainMetrics,
+    InvarianceResult, KnnResult, MetamerResult, MisalignedResult, PgdPoint, PgdResult,
+    ProbeResult, ShortcutResult, SpheresFlowResult, TrainMetrics,
 };
 use crate::report::figures::{bar_chart, line_plot_panels, BarGroup, Series};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
@@ -348,6 +348,72 @@ fn shift_section(
     Ok(out)
 }
 
+/// One spheres fi-RevNet: its errors, its metamers, the nuisance classifier and the heat maps.
+fn spheres_flow_entry(ctx: &mut StageContext, stage: &str, r: &SpheresFlowResult) -> Result<Value> {
+    let q = |v: &crate::outputs::Quartiles| {
+        json!({ "q1": format!("{:.3}", v.q1), "median": format!("{:.3}", v.median), "q3": format!("{:.3}", v.q3) })
+    };
+    let optional = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.3}"));
+    let panels: Vec<Value> = r
+        .heatmaps
+        .panels
+        .iter()
+        .map(|p| {
+            json!({
+                "plane": p.plane, "classifier": p.classifier,
+                "fraction_outer": percent(p.fraction_outer),
+                "inner_circle_error": format!("{:.1}", p.inner_circle_error),
+                "outer_circle_error": format!("{:.1}", p.outer_circle_error),
+                "p_outer_at_x": optional(p.p_outer_at_x), "p_outer_at_x_met": optional(p.p_outer_at_x_met),
+            })
+        })
+        .collect();
+    let m = &r.metamers;
+    Ok(json!({
+        "stage": stage,
+        "objective": tree(&r.training.objective)?,
+        "parameters": r.parameters,
+        "n_train": r.n_train, "n_test": r.n_test,
+        "train_error": format!("{:.2}", r.train_error), "test_error": format!("{:.2}", r.test_error),
+        "metamers": {
+            "pairs": m.pairs, "norm": q(&m.norm), "logit_source_norm": q(&m.logit_source_norm),
+            "nuisance_source_norm": q(&m.nuisance_source_norm),
+            "called_inner": percent(m.fraction_called_inner),
+            "same_decision": percent(m.fraction_same_decision_as_logit_source),
+            "nearer_outer": percent(m.fraction_nearer_outer),
+            "nuisance_says_outer": percent(m.nuisance_classifier_says_outer),
+            "max_logit_diff": format!("{:.2e}", m.max_logit_diff as f64),
+            "reconstruction_data": format!("{:.2e}", m.reconstruction_data as f64),
+            "reconstruction_metamer": format!("{:.2e}", m.reconstruction_metamer as f64),
+        },
+        "nuisance": {
+            "test_error": format!("{:.2}", r.nuisance.test.error),
+            "train_error": format!("{:.2}", r.nuisance.train.error),
+            "adversary_test_error": r.nuisance.adversary_test.as_ref().map_or("—".to_string(), |a| format!("{:.2}", a.error)),
+            "n_fit": r.nuisance.n_fit,
+        },
+        "heatmaps": copy_figure(ctx, stage, &r.heatmaps.file)?,
+        "legend": r.heatmaps.legend, "extent": r.heatmaps.extent.to_string(), "grid": r.heatmaps.grid,
+        "panels": panels,
+        "curve": copy_figure(ctx, stage, "curve.svg")?,
+        "provenance": upstream_provenance(ctx, stage),
+    }))
+}
+
+/// The mis-aligned classifier of the paper's Example 6 and its aligned control.
+fn misaligned_entry(ctx: &StageContext, stage: &str, r: &MisalignedResult) -> Value {
+    let pct = |v: f64| format!("{v:.2}");
+    json!({
+        "stage": stage, "d": r.data.d, "ignored": r.ignored_coordinate + 1,
+        "n_test": r.n_test, "n_moved": r.n_moved,
+        "radius_error": format!("{:.1e}", r.moved_max_relative_radius_error),
+        "clean": pct(r.clean_accuracy), "moved_set": pct(r.moved_set_accuracy), "moved_points": pct(r.moved_points_accuracy),
+        "aligned_clean": pct(r.aligned.clean_accuracy), "aligned_moved_set": pct(r.aligned.moved_set_accuracy),
+        "aligned_moved_points": pct(r.aligned.moved_points_accuracy),
+        "provenance": upstream_provenance(ctx, stage),
+    })
+}
+
 /// Sensitivity beside invariance, one row per attacked model: how far PGD must move an image
 /// to change the decision, and how far feature matching moves it while the model sees another
 /// image.
@@ -477,6 +543,8 @@ impl StageKind for Report {
         let mut invariance_sets = Vec::new();
         let mut pgd_sets: Vec<(String, PgdResult)> = Vec::new();
         let mut shortcut_sets: Vec<(String, ShortcutResult)> = Vec::new();
+        let mut spheres_flows = Vec::new();
+        let mut misaligned = Vec::new();
         let dataset_stages: Vec<String> = upstream
             .iter()
             .filter(|s| ctx.input_names(s).contains(&"summary.json"))
@@ -594,6 +662,16 @@ impl StageKind for Report {
                 flatten_numbers(stage, &tree(&result)?, &mut metrics);
                 pgd_sets.push((stage.clone(), result));
             }
+            if has("spheres.json") {
+                let result: SpheresFlowResult = read_json(ctx, stage, "spheres.json")?;
+                flatten_numbers(stage, &tree(&result)?, &mut metrics);
+                spheres_flows.push(spheres_flow_entry(ctx, stage, &result)?);
+            }
+            if has("misaligned.json") {
+                let result: MisalignedResult = read_json(ctx, stage, "misaligned.json")?;
+                flatten_numbers(stage, &tree(&result)?, &mut metrics);
+                misaligned.push(misaligned_entry(ctx, stage, &result));
+            }
             if has("shortcut.json") {
                 let result: ShortcutResult = read_json(ctx, stage, "shortcut.json")?;
                 flatten_numbers(stage, &tree(&result)?, &mut metrics);
@@ -697,6 +775,7 @@ impl StageKind for Report {
                 "pgd": pgd,
             },
             "shift": shift,
+            "spheres": { "flows": spheres_flows, "misaligned": misaligned },
             "text": texts,
         });
         let html = render(

@@ -2,7 +2,7 @@
 //! cannot read the last coordinate x_d.
 //!
 //! Paper: § 3, the spheres example of a classifier whose invariance is not aligned with the
-//! task (Example 6 in the brief of this stage); claim C9 (it drops to chance). The classifier
+//! task (the paper's Example 6); claim C9 (it drops to chance). The classifier
 //! is a small MLP (the `probe` stage's trainer: ReLU MLP on standardised inputs, Adam, the
 //! epoch with the lowest validation cross-entropy kept) trained on the training points with
 //! x_d set to 0. Why an MLP and not the vector fi-RevNet: the point is what the classifier
@@ -17,8 +17,9 @@
 //! Inputs: `summary.json`, `train_x.npy`, `train_y.npy`, `test_x.npy`, `test_y.npy` of
 //! `spheres`. Outputs: `misaligned.json` (`outputs::MisalignedResult`).
 //! Expected (paper): clean accuracy ≈ 100 %, moved set ≈ 50 % (chance), moved points ≈ 0 %;
-//! the control stays ≈ 100 % on every set. Measured on `cpu`: see the reply of the issue
-//! (100.00 / 50.00 / 0.00 %; control 100 % on every set).
+//! the control stays ≈ 100 % on every set. Measured on `cpu` (seed 0; width 128, 3 layers, 5
+//! epochs on 18 000 points, 4.4 s): clean 100.00 %, moved set 50.00 %, moved points 0.00 %
+//! (5000 moved, radii exact to 5e-8); control 100.00 % on all three.
 //!
 //! Params: the MLP's and its training's (`crate::training::ProbeParams`: `width`, `layers`,
 //! `dropout`, `epochs`, `batch_size`, `lr`, `train_limit`, `validation`) and `test_limit`.
