@@ -35,8 +35,8 @@ use crate::data::DatasetSummary;
 use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
 use crate::outputs::{
     read_json, AblationResult, EnsembleResult, Evaluation, FeatureMatching, InterpolationResult,
-    InvarianceResult, KnnResult, MetamerResult, MisalignedResult, PgdPoint, PgdResult,
-    ProbeResult, ShortcutResult, SpheresFlowResult, TrainMetrics,
+    InvarianceResult, KnnResult, MetamerResult, MisalignedResult, PgdPoint, PgdResult, ProbeResult,
+    ShortcutResult, SpheresFlowResult, TrainMetrics,
 };
 use crate::report::figures::{bar_chart, line_plot_panels, BarGroup, Series};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
@@ -299,7 +299,9 @@ fn shift_section(
         let objective = trainings
             .iter()
             .find(|t| t["stage"] == trained.as_str())
-            .map_or("ce".to_string(), |t| t["objective"].as_str().unwrap_or("ce").to_string());
+            .map_or("ce".to_string(), |t| {
+                t["objective"].as_str().unwrap_or("ce").to_string()
+            });
         let model = format!("{} ({})", family(&result.model), objective.to_uppercase());
         rows.push((
             variant,
@@ -335,7 +337,8 @@ fn shift_section(
             (Some(_), Some(_)) => "∞ (iCE made no error)".to_string(),
             _ => "not run".to_string(),
         };
-        let name = if ctx.has_input(&variant) && ctx.input_names(&variant).contains(&"summary.json") {
+        let name = if ctx.has_input(&variant) && ctx.input_names(&variant).contains(&"summary.json")
+        {
             read_json::<DatasetSummary>(ctx, &variant, "summary.json")?.name
         } else {
             variant.clone()
@@ -350,9 +353,7 @@ fn shift_section(
 
 /// One spheres fi-RevNet: its errors, its metamers, the nuisance classifier and the heat maps.
 fn spheres_flow_entry(ctx: &mut StageContext, stage: &str, r: &SpheresFlowResult) -> Result<Value> {
-    let q = |v: &crate::outputs::Quartiles| {
-        json!({ "q1": format!("{:.3}", v.q1), "median": format!("{:.3}", v.median), "q3": format!("{:.3}", v.q3) })
-    };
+    let q = |v: &crate::outputs::Quartiles| json!({ "q1": format!("{:.3}", v.q1), "median": format!("{:.3}", v.median), "q3": format!("{:.3}", v.q3) });
     let optional = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.3}"));
     let panels: Vec<Value> = r
         .heatmaps

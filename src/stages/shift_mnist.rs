@@ -99,7 +99,11 @@ impl StageKind for ShiftMnist {
         let readable = |split: &crate::data::Split, i: usize| {
             read_shortcut(
                 params.variant,
-                split.images.index_axis(Axis(0), i).as_slice().expect("standard layout"),
+                split
+                    .images
+                    .index_axis(Axis(0), i)
+                    .as_slice()
+                    .expect("standard layout"),
                 &shifted.textures,
             )
         };
