@@ -402,6 +402,39 @@ fn log_softmax_backward_on_a_permuted_tensor_needs_the_contiguous_workaround() {
     );
 }
 
+/// dfdx 0.13: `slice` backward *assigns* the slice's gradient into the source's gradient
+/// (`view[i] = *o` in its CPU kernel) instead of adding it, so where a tensor is sliced twice
+/// over the same rows, or sliced and also read by another op, one consumer's gradient is lost.
+/// Our flows slice each tensor once per region (the spheres' iCE step shares one z_n slice
+/// between the prior and the adversary for this reason); this pins the bug and the workaround.
+#[test]
+fn slice_backward_overwrites_instead_of_adding_so_overlapping_slices_must_be_shared() {
+    let dev = device();
+    let x: T2 = dev.tensor_from_vec(vec![1.0f32; 4 * 2], (4, 2));
+    // Rows 1..3 are read by both slices: their true gradient is 2, the other rows' 1.
+    let expected = [1.0f32, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0];
+    let traced = x.leaky_trace();
+    let first = traced.with_empty_tape().slice((0..3, ..));
+    let second = traced.slice((1..4, ..));
+    let loss = first.sum::<Rank0, _>() + second.sum::<Rank0, _>();
+    let grads = loss.backward();
+    let buggy = grads.get(&x).as_vec();
+    assert_ne!(
+        buggy, expected,
+        "dfdx's slice backward adds now: the workaround may go"
+    );
+    // The workaround: slice the shared rows once and give the slice two consumers (ordinary
+    // ops, whose backward adds).
+    let rows = x.leaky_trace().slice((1..3, ..));
+    let loss = rows.with_empty_tape().sum::<Rank0, _>() + (rows * 2.0).sum::<Rank0, _>();
+    let grads = loss.backward();
+    assert_eq!(
+        grads.get(&x).as_vec(),
+        [0.0f32, 0.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0],
+        "two consumers of one slice add up"
+    );
+}
+
 // ---- the flow ----
 
 use repro::nn::flow::{squeeze_map, ActNorm, CouplingKind, FiRevNet, Permutation, RevNetConfig};
