@@ -1,14 +1,16 @@
 //! Stage `report`: renders the reproduction report, `artifacts/report/index.html`, and its
 //! machine-readable twin `results.json`.
 //!
-//! Paper: all of it. A summary lists every claim of `paper/claims.toml` (C1–C12) with its
+//! Paper: all of it. A summary lists every claim of `paper/claims.toml` (C1–C15) with its
 //! verdict; each section shows our number beside the paper's, the verdict with its tolerance,
 //! the protocol note where we had to decide, and provenance (stage, key prefix, params, code
 //! fingerprint, device, wall time, log). Claims no stage measures yet say "not run".
 //! Inputs: every upstream stage declared in pipeline.toml, recognised by what it publishes
 //! (`summary.json` a dataset, `evaluation.json` / `ensemble.json` an accuracy row,
 //! `metrics.json` + `curve.svg` a training run, `metamers.json` + `triplets.png` a Fig. 4
-//! set, `knn.json` the pixel-space judge, `invariance.json` / `pgd.json` an attack), plus the
+//! set, `knn.json` the pixel-space judge, `invariance.json` / `pgd.json` an attack,
+//! `shortcut.json` a shiftMNIST model, `spheres.json` / `misaligned.json` the spheres); runs of
+//! one stage kind on different datasets are told apart by the dataset stage they read. Plus the
 //! repository files
 //! `paper/templates/`, `paper/text/`, `paper/claims.toml` (claims and their rules) and
 //! `paper/tables.toml` (which stage fills which table row, and the paper's numbers).
