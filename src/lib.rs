@@ -8,10 +8,12 @@
 //!   built on [`data`] (dataset readers), [`nn`] (models on dfdx), [`training`] (stage params
 //!   → training settings, the checkpointed loop), [`oracle`] and [`knn`] (the two judges of
 //!   what an image looks like), [`attack`] (feature matching and PGD in image space),
-//!   [`outputs`] (the JSON contracts between stages) and [`report`] (figures, HTML rendering).
+//!   [`outputs`] (the JSON contracts between stages; [`ablation`] holds the iCE sweep's own)
+//!   and [`report`] (figures, HTML rendering).
 //!
 //! The binary `repro` (src/main.rs) is the command line over both.
 
+pub mod ablation;
 pub mod attack;
 pub mod data;
 pub mod engine;

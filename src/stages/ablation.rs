@@ -1,19 +1,24 @@
 //! Stage `ablation`: which iCE settings, if any, empty z_n at the `cpu` scale, and what that
-//! costs in accuracy.
+//! costs in accuracy: does iCE's accuracy cost come from the adversary or from the likelihood
+//! term?
 //!
 //! Paper: § 4 and Table 2 (claims C2, C4). The issue that introduced iCE here measured that an
 //! independent PyTorch run at this scale did *not* empty z_n with either the clipped (`paper`)
 //! or the shuffled-label (`confusion`) term, so instead of tuning one setting toward the
-//! paper's number we sweep them: CE, and iCE over `grid_adversary` × `grid_w_adv` ×
-//! `grid_inner_steps`, each scored after every epoch in `grid_epochs` (one training run per
+//! paper's number we sweep them. The cells: CE; CE + MLE (iCE with w_adv = 0, when
+//! `grid_ce_mle`); and iCE over `grid_adversary` × `grid_w_adv` × `grid_inner_steps` ×
+//! `grid_w_mle`. Each cell is scored after every epoch in `grid_epochs` (one training run per
 //! cell, read at several epochs: the learning rate is constant, so the state after epoch e is
-//! exactly that of an e-epoch run). Every score is the logit test error and a *fresh probe*
-//! on z_n (the honest bound; the adversary's own error is shown beside it).
-//! Only in the `ablation` profile (`profiles = ["ablation"]` in pipeline.toml).
+//! exactly that of an e-epoch run). Every score is the logit test error and a *fresh probe* on
+//! z_n (the honest bound; the jointly trained adversary's own error is shown beside it).
+//! Expected, if the paper's reading holds at this scale: CE + MLE as accurate as CE, and iCE's
+//! accuracy cost growing with w_adv, not with w_mle.
+//! Only in the `ablation` profile (`profiles = ["ablation", "smoke"]` in pipeline.toml).
 //! Inputs: the four MNIST arrays. Params: the `train` stage's model and training params (the
 //! iCE ones are the base every cell overrides), the grids, and the probe's params.
-//! Outputs: `ablation.json` (one row per cell and epoch), `ablation.svg` (logit test error
-//! against fresh-probe z_n test error, one colour per adversary variant).
+//! Outputs: `ablation.json` ([`crate::ablation::AblationResult`], one row per cell and epoch),
+//! `ablation.svg` (logit test error against fresh-probe z_n test error, one colour per
+//! objective and adversary variant).
 //! Checkpoints: each cell's trainer after every epoch, and the finished rows, so a killed run
 //! resumes where it stopped.
 //!
@@ -21,11 +26,12 @@
 //! overrides), `grid_*` ([`GridParams`]) and `probe_*` ([`ProbeParams`]).
 //!
 //! Claims: none
-//! Modules: data, nn, outputs, report/figures, training
+//! Modules: ablation, data, nn, outputs, report/figures, training
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
+use crate::ablation::{AblationResult, AblationRow as Row, CellObjective};
 use crate::data::Arrays;
 use crate::engine::{
     at_least, deserialize_params, non_negative, split_prefixed, Finished, ParamError, Params,
@@ -36,20 +42,24 @@ use crate::nn::model::Model;
 use crate::nn::nuisance::{latent_views, readout_raw, train_probe, Features, ProbeSettings};
 use crate::nn::train::{TrainSettings, Trainer};
 use crate::nn::{device, rng_for, Dev};
-use crate::outputs::{json_bytes, AblationResult, AblationRow as Row};
+use crate::outputs::json_bytes;
 use crate::report::figures::{scatter_plot, Series};
 use crate::training::{Objective, ProbeParams, TrainParams};
 
 pub struct Ablation;
 
-/// The sweep: every combination of the first three lists is one iCE cell (plus one CE cell),
-/// each scored after every epoch in `epochs`.
+/// The sweep: every combination of the first four lists is one iCE cell, beside one CE cell
+/// and (with `ce_mle`) one CE + MLE cell; each is scored after every epoch in `epochs`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GridParams {
     adversary: Vec<AdversaryVariant>,
     w_adv: Vec<f64>,
     inner_steps: Vec<usize>,
+    w_mle: Vec<f64>,
+    /// Also train CE + MLE (iCE with w_adv = 0 and the base's w_mle and inner steps): the
+    /// baseline that separates the likelihood term's cost from the adversary's.
+    ce_mle: bool,
     epochs: Vec<usize>,
 }
 
@@ -59,6 +69,7 @@ impl TypedParams for GridParams {
             ("adversary", self.adversary.len()),
             ("w_adv", self.w_adv.len()),
             ("inner_steps", self.inner_steps.len()),
+            ("w_mle", self.w_mle.len()),
             ("epochs", self.epochs.len()),
         ] {
             if len == 0 {
@@ -67,6 +78,9 @@ impl TypedParams for GridParams {
         }
         for (i, &w) in self.w_adv.iter().enumerate() {
             non_negative(&format!("w_adv[{i}]"), w)?;
+        }
+        for (i, &w) in self.w_mle.iter().enumerate() {
+            non_negative(&format!("w_mle[{i}]"), w)?;
         }
         for (i, &k) in self.inner_steps.iter().enumerate() {
             at_least(&format!("inner_steps[{i}]"), k, 1)?;
@@ -142,6 +156,15 @@ fn probe_nuisance(
     ))
 }
 
+/// An adversary variant as pipeline.toml spells it.
+fn variant_name(variant: AdversaryVariant) -> &'static str {
+    match variant {
+        AdversaryVariant::Paper => "paper",
+        AdversaryVariant::Confusion => "confusion",
+        AdversaryVariant::Code => "code",
+    }
+}
+
 impl StageKind for Ablation {
     type Params = AblationParams;
 
@@ -164,17 +187,32 @@ impl StageKind for Ablation {
         epochs.dedup();
         let last_epoch = *epochs.last().expect("non-empty list");
 
-        // The cells: CE first, then iCE over the grid.
-        let mut cells: Vec<Option<IceSettings>> = vec![None];
+        // The cells: CE first, then CE + MLE, then iCE over the grid.
+        let mut cells: Vec<(CellObjective, Option<IceSettings>)> = vec![(CellObjective::Ce, None)];
+        if params.grid.ce_mle {
+            cells.push((
+                CellObjective::CeMle,
+                Some(IceSettings {
+                    w_adv: 0.0,
+                    ..base_ice.clone()
+                }),
+            ));
+        }
         for &variant in &params.grid.adversary {
             for &w_adv in &params.grid.w_adv {
                 for &inner_steps in &params.grid.inner_steps {
-                    cells.push(Some(IceSettings {
-                        variant,
-                        w_adv: w_adv as f32,
-                        inner_steps,
-                        ..base_ice.clone()
-                    }));
+                    for &w_mle in &params.grid.w_mle {
+                        cells.push((
+                            CellObjective::Ice,
+                            Some(IceSettings {
+                                variant,
+                                w_adv: w_adv as f32,
+                                inner_steps,
+                                w_mle: w_mle as f32,
+                                ..base_ice.clone()
+                            }),
+                        ));
+                    }
                 }
             }
         }
@@ -202,7 +240,8 @@ impl StageKind for Ablation {
                 cells.len()
             ));
         }
-        for (index, ice) in cells.iter().enumerate().skip(done_cells) {
+        for (index, (objective, ice)) in cells.iter().enumerate().skip(done_cells) {
+            let objective = *objective;
             let name = format!("cell{index}");
             let settings = TrainSettings {
                 epochs: last_epoch,
@@ -214,12 +253,16 @@ impl StageKind for Ablation {
             if let Some(bytes) = ctx.checkpoint_load(&name)? {
                 trainer.restore(&dev, &bytes)?;
             }
-            let label = match ice {
-                None => "CE".to_string(),
-                Some(i) => format!(
-                    "iCE {:?}, w_adv {}, {} inner steps",
-                    i.variant, i.w_adv, i.inner_steps
+            let label = match (objective, ice) {
+                (CellObjective::Ice, Some(i)) => format!(
+                    "iCE {}, w_adv {}, {} inner steps, w_mle {}",
+                    variant_name(i.variant),
+                    i.w_adv,
+                    i.inner_steps,
+                    i.w_mle
                 ),
+                (CellObjective::CeMle, Some(i)) => format!("CE + MLE, w_mle {}", i.w_mle),
+                _ => objective.label().to_string(),
             };
             // Rows are saved before the trainer, so a kill in between replays one epoch
             // (deterministically) and replaces its row instead of losing it.
@@ -253,11 +296,15 @@ impl StageKind for Ablation {
                         adversary.map_or(String::new(), |a| format!(", adversary {a:.2} %"))
                     ));
                     cell_rows.retain(|r| r.epoch != m.epoch);
+                    // CE + MLE has no adversarial term, so no variant; its adversary's inner
+                    // steps are kept (they decide how well that watching adversary is trained).
+                    let adversary_term = ice.as_ref().filter(|_| objective == CellObjective::Ice);
                     cell_rows.push(Row {
-                        objective: if ice.is_some() { "ice" } else { "ce" }.to_string(),
-                        adversary: ice.as_ref().map(|i| i.variant),
+                        objective,
+                        adversary: adversary_term.map(|i| i.variant),
                         w_adv: ice.as_ref().map(|i| i.w_adv),
                         inner_steps: ice.as_ref().map(|i| i.inner_steps),
+                        w_mle: ice.as_ref().map(|i| i.w_mle),
                         epoch: m.epoch,
                         logit_test_error: m.test_error,
                         logit_train_error: m.train_error,
@@ -274,23 +321,23 @@ impl StageKind for Ablation {
             ctx.checkpoint_save("rows", &serde_json::to_vec(&rows)?)?;
         }
 
+        // One series per objective and adversary variant, iCE split by w_mle (the axis that
+        // says whether the likelihood term or the adversary costs accuracy).
         let mut series: Vec<Series> = Vec::new();
-        for (name, pick) in [
-            ("CE", None),
-            ("iCE paper", Some(AdversaryVariant::Paper)),
-            ("iCE confusion", Some(AdversaryVariant::Confusion)),
-            ("iCE code", Some(AdversaryVariant::Code)),
-        ] {
-            let points: Vec<(f64, f64)> = rows
-                .iter()
-                .filter(|r| r.adversary == pick)
-                .map(|r| (r.logit_test_error, r.probe_test_error))
-                .collect();
-            if !points.is_empty() {
-                series.push(Series {
-                    name: name.to_string(),
-                    points,
-                });
+        for row in &rows {
+            let name = match (row.objective, row.adversary, row.w_mle) {
+                (CellObjective::Ice, Some(variant), Some(w_mle)) => {
+                    format!("iCE {}, w_mle {w_mle}", variant_name(variant))
+                }
+                _ => row.objective.label().to_string(),
+            };
+            let point = (row.logit_test_error, row.probe_test_error);
+            match series.iter_mut().find(|s| s.name == name) {
+                Some(s) => s.points.push(point),
+                None => series.push(Series {
+                    name,
+                    points: vec![point],
+                }),
             }
         }
         ctx.write_output(

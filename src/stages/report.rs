@@ -25,7 +25,7 @@
 //! Params: `profile` (the profile this report describes).
 //!
 //! Claims: none
-//! Modules: data, nn, outputs, report
+//! Modules: ablation, data, nn, outputs, report
 
 use std::collections::BTreeMap;
 
@@ -33,12 +33,13 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::ablation::AblationResult;
 use crate::data::DatasetSummary;
 use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
 use crate::outputs::{
-    read_json, AblationResult, EnsembleResult, Evaluation, FeatureMatching, InterpolationResult,
-    InvarianceResult, KnnResult, MetamerResult, MisalignedResult, PgdPoint, PgdResult, ProbeResult,
-    ShortcutResult, SpheresFlowResult, TrainMetrics,
+    read_json, EnsembleResult, Evaluation, FeatureMatching, InterpolationResult, InvarianceResult,
+    KnnResult, MetamerResult, MisalignedResult, PgdPoint, PgdResult, ProbeResult, ShortcutResult,
+    SpheresFlowResult, TrainMetrics,
 };
 use crate::report::figures::{bar_chart, line_plot_panels, BarGroup, Series};
 use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
@@ -581,7 +582,8 @@ impl StageKind for Report {
                     .iter()
                     .map(|r| {
                         json!({
-                            "objective": r.objective,
+                            "objective": r.objective.label(),
+                            "w_mle": r.w_mle.map_or_else(na, |v| v.to_string()),
                             "adversary": r.adversary.map_or_else(na, |a| tree(&a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
                             // Stored as f32: print the f32 (0.1, not 0.10000000149011612).
                             "w_adv": r.w_adv.map_or_else(na, |v| v.to_string()),
