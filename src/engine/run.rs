@@ -391,6 +391,14 @@ impl<'a> Engine<'a> {
                     _ => None,
                 })
                 .collect(),
+            ancestors: if kind.reads_provenance() {
+                self.built_ancestors(stage, resolved, true)
+                    .into_iter()
+                    .map(|(_, m)| m.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            },
             outputs: Vec::new(),
             log: String::new(),
             metrics: serde_json::Map::new(),
@@ -501,6 +509,27 @@ impl<'a> Engine<'a> {
         out
     }
 
+    /// The built ancestors of `stage` in pipeline order: all of them, or only those it does not
+    /// read directly.
+    fn built_ancestors<'m>(
+        &self,
+        stage: &Stage,
+        resolved: &'m HashMap<String, Resolved>,
+        with_direct: bool,
+    ) -> Vec<(String, &'m Manifest)> {
+        let direct = |name: &str| stage.inputs.iter().any(|i| i.stage == name);
+        self.pipeline
+            .with_ancestors(&stage.name)
+            .expect("a pipeline stage has ancestors")
+            .into_iter()
+            .filter(|s| s.name != stage.name && (with_direct || !direct(&s.name)))
+            .filter_map(|s| match resolved.get(&s.name) {
+                Some(Resolved::Built(m)) => Some((s.name.clone(), &**m)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The stage's key fields, or `Ok(Err(reason))` when a required upstream is unavailable.
     fn key_fields(
         &self,
@@ -557,6 +586,18 @@ impl<'a> Engine<'a> {
                     )))
                 }
                 None => return Ok(Err(format!("input {} was not resolved", input.stage))),
+            }
+        }
+        if kind.reads_provenance() {
+            // A stage that reads provenance also reads its indirect ancestors' manifests (the
+            // report's per-stage time table lists every stage that led to it), so they are in
+            // its key too.
+            for (name, manifest) in self.built_ancestors(stage, resolved, false) {
+                let json = serde_json::to_vec(manifest).expect("manifests serialise");
+                upstream_manifests.push(HashedInput {
+                    name,
+                    hash: sha256_hex(&json),
+                });
             }
         }
         let mut files = Vec::new();

@@ -140,6 +140,9 @@ pub struct StageContext<'a> {
     pub(crate) exec: ExecFacts,
     pub(crate) inputs: Vec<ResolvedInput>,
     pub(crate) upstream: BTreeMap<String, Manifest>,
+    /// Manifests of every built ancestor, direct or not, in pipeline order (only for kinds
+    /// that read provenance).
+    pub(crate) ancestors: Vec<Manifest>,
     pub(crate) outputs: Vec<String>,
     pub(crate) log: String,
     pub(crate) metrics: serde_json::Map<String, serde_json::Value>,
@@ -254,6 +257,12 @@ impl StageContext<'_> {
     /// The manifest of an upstream stage (provenance: key, params, timings, log object).
     pub fn upstream_manifest(&self, stage: &str) -> Option<&Manifest> {
         self.upstream.get(stage)
+    }
+
+    /// The manifest of every built stage this one depends on, directly or not, in pipeline
+    /// order (empty unless the kind reads provenance).
+    pub fn ancestor_manifests(&self) -> &[Manifest] {
+        &self.ancestors
     }
 
     /// Reads an upstream stage's log, verified.

@@ -3,6 +3,7 @@
 //! the stages that need them arrive. Nothing here knows the engine: the report stage turns
 //! manifests into [`Provenance`] rows and calls [`render`].
 
+pub mod architecture;
 pub mod figures;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,14 @@ pub struct Claim {
     /// Which stage(s) will measure it; empty until one exists.
     #[serde(default)]
     pub measured_by: String,
+    /// The report section (HTML anchor) holding the claim's evidence.
+    pub section: String,
+    /// `%` when the rule's metrics are percentages: differences then print in points.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Why no stage can measure it here (shown with "not run").
+    #[serde(default)]
+    pub not_run: Option<String>,
     /// How the claim is judged, per profile (profiles without a rule show the number only).
     #[serde(default)]
     pub rules: BTreeMap<String, Rules>,
@@ -80,6 +89,38 @@ impl Rule {
         })
     }
 
+    /// The measured quantity with its parts, as a reader checks it: `5.62 % vs 1.44 %
+    /// (+4.18 pt)` for a difference, `4.30 % / 1.24 % = 3.47×` for a ratio.
+    fn display(&self, metrics: &BTreeMap<String, f64>, unit: Option<&str>) -> Option<String> {
+        let v = *metrics.get(&self.metric)?;
+        let percent = unit == Some("%");
+        let with_unit = |x: f64| {
+            if percent {
+                format!("{} %", number(x))
+            } else {
+                number(x)
+            }
+        };
+        Some(match (&self.minus, &self.over) {
+            (Some(m), _) => {
+                let w = *metrics.get(m)?;
+                let sign = if v - w >= 0.0 { "+" } else { "−" };
+                let points = if percent { " pt" } else { "" };
+                format!(
+                    "{} vs {} ({sign}{}{points})",
+                    with_unit(v),
+                    with_unit(w),
+                    number((v - w).abs())
+                )
+            }
+            (None, Some(o)) => {
+                let w = *metrics.get(o)?;
+                format!("{} / {} = {}×", with_unit(v), with_unit(w), number(v / w))
+            }
+            (None, None) => with_unit(v),
+        })
+    }
+
     fn holds(&self, value: f64) -> bool {
         self.at_most.is_none_or(|m| value <= m)
             && self.at_least.is_none_or(|m| value >= m)
@@ -123,23 +164,49 @@ impl Rule {
     }
 }
 
+/// Two decimals for percentages and the like; scientific notation for tiny numbers (float
+/// errors), so that 4.8e-7 does not print as 0.00.
+pub fn number(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A claim judged on one profile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judgement {
+    /// The measured quantity of each rule (empty when not measured).
+    pub values: Vec<f64>,
+    /// Each rule's quantity with its parts, as printed (see [`Rule::display`]).
+    pub shown: Vec<String>,
+    pub verdict: Verdict,
+    /// The rule in words, or why there is no verdict.
+    pub note: String,
+}
+
 /// A claim's verdict on one profile: the measured quantities (one per rule), the verdict and
 /// why.
-pub fn judge(
-    claim: &Claim,
-    profile: &str,
-    metrics: &BTreeMap<String, f64>,
-) -> (Vec<f64>, Verdict, String) {
+pub fn judge(claim: &Claim, profile: &str, metrics: &BTreeMap<String, f64>) -> Judgement {
     let rules = claim.rules.get(profile);
-    let shown = rules.or_else(|| claim.rules.values().next());
-    let values: Option<Vec<f64>> = shown.map(|r| {
+    let shown_rules = rules.or_else(|| claim.rules.values().next());
+    let unit = claim.unit.as_deref();
+    let measured: Option<Vec<(f64, String)>> = shown_rules.map(|r| {
         r.all()
             .iter()
-            .filter_map(|rule| rule.value(metrics))
+            .filter_map(|rule| Some((rule.value(metrics)?, rule.display(metrics, unit)?)))
             .collect()
     });
-    let complete = shown.is_some_and(|r| values.as_ref().is_some_and(|v| v.len() == r.all().len()));
-    let values = values.unwrap_or_default();
+    let complete =
+        shown_rules.is_some_and(|r| measured.as_ref().is_some_and(|v| v.len() == r.all().len()));
+    let (values, shown): (Vec<f64>, Vec<String>) = measured.unwrap_or_default().into_iter().unzip();
+    let judgement = |verdict, note: String, measured: bool| Judgement {
+        values: if measured { values.clone() } else { Vec::new() },
+        shown: if measured { shown.clone() } else { Vec::new() },
+        verdict,
+        note,
+    };
     match (rules, complete) {
         (Some(rules), true) => {
             let verdict = if rules.all().iter().zip(&values).all(|(r, &v)| r.holds(v)) {
@@ -148,10 +215,10 @@ pub fn judge(
                 Verdict::Fail
             };
             let described: Vec<String> = rules.all().iter().map(Rule::describe).collect();
-            (
-                values,
+            judgement(
                 verdict,
                 format!("rule on {profile}: {}", described.join("; ")),
+                true,
             )
         }
         (Some(rules), false) => {
@@ -161,27 +228,31 @@ pub fn judge(
                 .flat_map(Rule::metrics)
                 .filter(|m| !metrics.contains_key(*m))
                 .collect();
-            (
-                Vec::new(),
+            judgement(
                 Verdict::NotRun,
                 format!("{} not measured in this run", missing.join(", ")),
+                false,
             )
         }
-        (None, true) => (
-            values,
+        // Measured where the paper only shows figures: the reader judges the figure.
+        (None, true) if claim.paper_value.starts_with("qualitative") => judgement(
+            Verdict::Qualitative,
+            format!("no rule for the {profile} profile: judge the figure"),
+            true,
+        ),
+        (None, true) => judgement(
             Verdict::NotJudged,
             format!("no rule for the {profile} profile"),
+            true,
         ),
-        (None, false) if claim.measured_by.is_empty() => (
-            Vec::new(),
-            Verdict::NotRun,
-            "no stage measures this yet".into(),
-        ),
-        (None, false) => (
-            Vec::new(),
-            Verdict::NotRun,
-            format!("measured by {}; not run here", claim.measured_by),
-        ),
+        (None, false) => {
+            let note = match (&claim.not_run, claim.measured_by.is_empty()) {
+                (Some(reason), _) => reason.clone(),
+                (None, true) => "no stage measures this yet".into(),
+                (None, false) => format!("measured by {}; not run here", claim.measured_by),
+            };
+            judgement(Verdict::NotRun, note, false)
+        }
     }
 }
 
@@ -215,7 +286,10 @@ pub fn read_claims(path: &Path) -> Result<Vec<Claim>> {
 pub enum Verdict {
     Pass,
     Fail,
-    /// Measured, but the claim has no rule for this profile (e.g. `smoke`).
+    /// Measured, but the claim has no rule for this profile (e.g. `smoke`) and the paper
+    /// only shows figures: the reader judges them.
+    Qualitative,
+    /// Measured, but the claim has no rule for this profile.
     NotJudged,
     NotRun,
 }
@@ -334,7 +408,7 @@ mod tests {
     use super::*;
 
     fn claim(rules: &str) -> Claim {
-        let text = format!("id = \"C1\"\nstatement = \"s\"\npaper_value = \"0.39\"\ntolerance = \"t\"\nprofiles = [\"cpu\"]\nsource = \"x\"\nmeasured_by = \"eval_ce\"\n{rules}");
+        let text = format!("id = \"C1\"\nsection = \"table2\"\nunit = \"%\"\nstatement = \"s\"\npaper_value = \"0.39\"\ntolerance = \"t\"\nprofiles = [\"cpu\"]\nsource = \"x\"\nmeasured_by = \"eval_ce\"\n{rules}");
         toml::from_str(&text).unwrap()
     }
 
@@ -342,12 +416,13 @@ mod tests {
     fn rules_pass_fail_and_say_when_nothing_was_measured() {
         let c = claim("[rules]\ncpu = { metric = \"eval_ce.test_error\", at_most = 1.5 }\npaper = { metric = \"eval_ce.test_error\", near = 0.39, within = 0.2 }\n");
         let metrics = BTreeMap::from([("eval_ce.test_error".to_string(), 1.2)]);
-        assert_eq!(judge(&c, "cpu", &metrics).1, Verdict::Pass);
-        assert_eq!(judge(&c, "paper", &metrics).1, Verdict::Fail);
-        assert_eq!(judge(&c, "smoke", &metrics).1, Verdict::NotJudged);
-        assert_eq!(judge(&c, "cpu", &BTreeMap::new()).1, Verdict::NotRun);
+        assert_eq!(judge(&c, "cpu", &metrics).verdict, Verdict::Pass);
+        assert_eq!(judge(&c, "paper", &metrics).verdict, Verdict::Fail);
+        assert_eq!(judge(&c, "smoke", &metrics).verdict, Verdict::NotJudged);
+        assert_eq!(judge(&c, "cpu", &BTreeMap::new()).verdict, Verdict::NotRun);
         let worse = BTreeMap::from([("eval_ce.test_error".to_string(), 1.6)]);
-        assert_eq!(judge(&c, "cpu", &worse).1, Verdict::Fail);
+        assert_eq!(judge(&c, "cpu", &worse).verdict, Verdict::Fail);
+        assert_eq!(judge(&c, "cpu", &worse).shown, vec!["1.60 %".to_string()]);
     }
 
     #[test]
@@ -361,16 +436,28 @@ mod tests {
                 ("b.y".to_string(), by),
             ])
         };
-        let (values, verdict, _) = judge(&c, "cpu", &m(0.6, 0.2, 30.0, 2.0));
-        assert_eq!(verdict, Verdict::Pass);
+        let judged = judge(&c, "cpu", &m(0.6, 0.2, 30.0, 2.0));
+        assert_eq!(judged.verdict, Verdict::Pass);
+        let values = &judged.values;
         assert!((values[0] - 0.4).abs() < 1e-12 && (values[1] - 15.0).abs() < 1e-12);
+        // A compound claim shows its parts, not only the difference or the ratio.
+        assert_eq!(
+            judged.shown,
+            vec!["0.60 % vs 0.20 % (+0.40 pt)", "30.00 % / 2.00 % = 15.00×"]
+        );
         // A tie is not "more often": `above` is strict.
-        assert_eq!(judge(&c, "cpu", &m(0.2, 0.2, 30.0, 2.0)).1, Verdict::Fail);
-        assert_eq!(judge(&c, "cpu", &m(0.6, 0.2, 10.0, 2.0)).1, Verdict::Fail);
+        assert_eq!(
+            judge(&c, "cpu", &m(0.2, 0.2, 30.0, 2.0)).verdict,
+            Verdict::Fail
+        );
+        assert_eq!(
+            judge(&c, "cpu", &m(0.6, 0.2, 10.0, 2.0)).verdict,
+            Verdict::Fail
+        );
         let mut partial = m(0.6, 0.2, 30.0, 2.0);
         partial.remove("b.y");
-        let (_, verdict, note) = judge(&c, "cpu", &partial);
-        assert_eq!(verdict, Verdict::NotRun);
-        assert!(note.contains("b.y"), "{note}");
+        let judged = judge(&c, "cpu", &partial);
+        assert_eq!(judged.verdict, Verdict::NotRun);
+        assert!(judged.note.contains("b.y"), "{}", judged.note);
     }
 }

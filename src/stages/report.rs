@@ -33,16 +33,19 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::ablation::AblationResult;
+use crate::ablation::{AblationResult, AblationRow, CellObjective};
 use crate::data::DatasetSummary;
 use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
+use crate::nn::flow::RevNetConfig;
+use crate::nn::model::ModelConfig;
 use crate::outputs::{
     read_json, EnsembleResult, Evaluation, FeatureMatching, InterpolationResult, InvarianceResult,
     KnnResult, MetamerResult, MisalignedResult, PgdPoint, PgdResult, ProbeResult, ShortcutResult,
     SpheresFlowResult, TrainMetrics,
 };
+use crate::report::architecture;
 use crate::report::figures::{bar_chart, line_plot_panels, BarGroup, Series};
-use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance};
+use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance, Verdict};
 
 pub struct Report;
 
@@ -54,16 +57,6 @@ pub struct ReportParams {
 }
 
 impl TypedParams for ReportParams {}
-
-/// Two decimals for percentages and the like; scientific notation for tiny numbers (float
-/// errors), so that 4.8e-7 does not print as 0.00.
-fn number(v: f64) -> String {
-    if v != 0.0 && v.abs() < 0.01 {
-        format!("{v:.2e}")
-    } else {
-        format!("{v:.2}")
-    }
-}
 
 fn provenance(manifest: &Manifest) -> Provenance {
     let fields = &manifest.key_fields;
@@ -248,10 +241,10 @@ fn invariance_row(
 }
 
 /// The model family a weights config names.
-fn family(config: &crate::nn::model::ModelConfig) -> &'static str {
+fn family(config: &ModelConfig) -> &'static str {
     match config {
-        crate::nn::model::ModelConfig::Firevnet(_) => "fi-RevNet",
-        crate::nn::model::ModelConfig::Cnn(_) => "CNN",
+        ModelConfig::Firevnet(_) => "fi-RevNet",
+        ModelConfig::Cnn(_) => "CNN",
     }
 }
 
@@ -513,6 +506,146 @@ fn pgd_section(ctx: &mut StageContext, sets: &[(String, PgdResult)]) -> Result<V
     Ok(json!({ "rows": rows, "figure": figure }))
 }
 
+/// C2 and C4 side by side with how they are measured: per model the logit error, the jointly
+/// trained adversary's error on z_n and the fresh probe's, and, when the ablation ran, its
+/// last-epoch cells (CE, CE + MLE, iCE with and without the MLE term) so a reader sees whether
+/// iCE's accuracy cost comes from the likelihood term or from the adversary.
+fn nuisance_measures(
+    metrics: &BTreeMap<String, f64>,
+    ablations: &[(String, AblationResult)],
+) -> Value {
+    let get = |name: &str| {
+        metrics
+            .get(name)
+            .map_or("not run".to_string(), |v| format!("{v:.2}"))
+    };
+    let models = [
+        ("CE", "eval_ce", "probe_ce", false),
+        ("iCE", "eval_ice", "probe_ice", true),
+    ];
+    let rows: Vec<Value> = models
+        .iter()
+        .map(|&(label, eval, probe, has_adversary)| {
+            let adversary = |split: &str| {
+                if has_adversary {
+                    get(&format!("{eval}.adversary.{split}.error"))
+                } else {
+                    "—".to_string()
+                }
+            };
+            json!({
+                "model": label,
+                "logit_test": get(&format!("{eval}.test_error")),
+                "adversary_test": adversary("test"), "adversary_train": adversary("train"),
+                "probe_test": get(&format!("{probe}.views.z_n.test.error")),
+                "probe_train": get(&format!("{probe}.views.z_n.train.error")),
+                "probe_bits": metrics.get(&format!("{probe}.views.z_n.test.information_bound_bits")).map_or("not run".to_string(), |v| format!("{v:.3}")),
+            })
+        })
+        .collect();
+    let evidence: Vec<Value> = ablations
+        .iter()
+        .map(|(stage, result)| {
+            let last = result.grid_epochs.iter().copied().max().unwrap_or(0);
+            let at_last: Vec<&AblationRow> = result.rows.iter().filter(|r| r.epoch == last).collect();
+            let ce = at_last.iter().find(|r| r.objective == CellObjective::Ce).map(|r| r.logit_test_error);
+            let optional = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}"));
+            let cells: Vec<Value> = at_last
+                .iter()
+                .map(|r| {
+                    json!({
+                        "objective": r.objective.label(),
+                        "adversary": r.adversary.map_or("—".to_string(), |a| tree(&a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+                        "w_adv": r.w_adv.map_or("—".to_string(), |v| v.to_string()),
+                        "w_mle": r.w_mle.map_or("—".to_string(), |v| v.to_string()),
+                        "logit_test": format!("{:.2}", r.logit_test_error),
+                        "cost": ce.map_or("—".to_string(), |ce| format!("{:+.2}", r.logit_test_error - ce)),
+                        "adversary_test": optional(r.adversary_test_error),
+                        "probe_test": format!("{:.2}", r.probe_test_error),
+                    })
+                })
+                .collect();
+            json!({ "stage": stage, "epoch": last, "n_train": result.base.train_limit, "n_test": result.n_test, "cells": cells })
+        })
+        .collect();
+    json!({ "rows": rows, "ablation": evidence })
+}
+
+/// Fig. 3: one architecture figure per distinct fi-RevNet config among the training runs, with
+/// the stages that trained it.
+fn architectures(ctx: &mut StageContext, trained: &[(String, ModelConfig)]) -> Result<Vec<Value>> {
+    let mut configs: Vec<(RevNetConfig, Vec<String>)> = Vec::new();
+    for (stage, config) in trained {
+        let ModelConfig::Firevnet(config) = config else {
+            continue;
+        };
+        match configs.iter_mut().find(|(c, _)| c == config) {
+            Some((_, stages)) => stages.push(stage.clone()),
+            None => configs.push((config.clone(), vec![stage.clone()])),
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (config, stages)) in configs.iter().enumerate() {
+        let summary = architecture::summarise(config);
+        let link = format!("figures/architecture_{}.svg", i + 1);
+        ctx.write_output(&link, architecture::architecture_svg(&summary).as_bytes())?;
+        out.push(json!({
+            "figure": link, "stages": stages, "summary": summary,
+            "levels": summary.levels.iter().map(|l| json!({
+                "level": l.level + 1,
+                "input": format!("{}×{}×{}", l.input[0], l.input[1], l.input[2]),
+                "squeezed": format!("{}×{}×{}", l.squeezed[0], l.squeezed[1], l.squeezed[2]),
+                "steps": l.steps,
+                "split_off": l.split_off.map_or("— (final map)".to_string(), |s| format!("{}×{}×{}", s[0], s[1], s[2])),
+                "parameters": l.parameters,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(out)
+}
+
+/// The claims' verdicts counted and listed, for the paragraph above the claims table (and
+/// `results.json`): which claims reproduce on this profile, which do not, which did not run.
+fn claims_summary(profile: &str, verdicts: &[(String, Verdict)]) -> Value {
+    let with = |wanted: &[Verdict]| -> Vec<String> {
+        verdicts
+            .iter()
+            .filter(|(_, v)| wanted.contains(v))
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let pass = with(&[Verdict::Pass]);
+    let fail = with(&[Verdict::Fail]);
+    let not_run = with(&[Verdict::NotRun]);
+    let unjudged = with(&[Verdict::Qualitative, Verdict::NotJudged]);
+    let list = |ids: &[String]| {
+        if ids.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", ids.join(", "))
+        }
+    };
+    let mut sentence = format!(
+        "On the {profile} profile, {} of {} claims pass{}; {} fail{}; {} not run{}",
+        pass.len(),
+        verdicts.len(),
+        list(&pass),
+        fail.len(),
+        list(&fail),
+        not_run.len(),
+        list(&not_run)
+    );
+    if !unjudged.is_empty() {
+        sentence.push_str(&format!(
+            "; {} measured without a rule on this profile{}",
+            unjudged.len(),
+            list(&unjudged)
+        ));
+    }
+    sentence.push('.');
+    json!({ "pass": pass, "fail": fail, "not_run": not_run, "unjudged": unjudged, "sentence": sentence })
+}
+
 impl StageKind for Report {
     type Params = ReportParams;
 
@@ -538,10 +671,12 @@ impl StageKind for Report {
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut datasets = Vec::new();
         let mut trainings = Vec::new();
+        let mut trained_configs: Vec<(String, ModelConfig)> = Vec::new();
         let mut metamer_sets = Vec::new();
         let mut probes: Vec<(String, ProbeResult)> = Vec::new();
         let mut interpolations = Vec::new();
         let mut ablations = Vec::new();
+        let mut ablation_results: Vec<(String, AblationResult)> = Vec::new();
         let mut knn_judges = Vec::new();
         let mut invariance_rows = Vec::new();
         let mut invariance_sets = Vec::new();
@@ -601,6 +736,7 @@ impl StageKind for Report {
                     "n_train": ablation.base.train_limit, "n_test": ablation.n_test,
                     "n_probe_fit": ablation.n_probe_fit, "provenance": upstream_provenance(ctx, stage),
                 }));
+                ablation_results.push((stage.clone(), ablation));
             }
             if has("probe.json") {
                 let probe: ProbeResult = read_json(ctx, stage, "probe.json")?;
@@ -684,6 +820,7 @@ impl StageKind for Report {
             }
             if has("metrics.json") {
                 let m: TrainMetrics = read_json(ctx, stage, "metrics.json")?;
+                trained_configs.push((stage.clone(), m.model.clone()));
                 trainings.push(json!({
                     "stage": stage, "dataset": dataset, "model": m.model, "objective": m.objective, "settings": m.settings,
                     "parameters": m.parameters, "history": m.history,
@@ -733,16 +870,23 @@ impl StageKind for Report {
         let claim_rows: Vec<Value> = claims
             .iter()
             .map(|c| {
-                let (ours, verdict, note) = judge(c, &profile, &metrics);
+                let judged = judge(c, &profile, &metrics);
                 json!({
                     "id": c.id, "statement": c.statement, "paper_value": c.paper_value,
                     "tolerance": c.tolerance, "profiles": c.profiles.join(", "), "source": c.source,
-                    "ours": if ours.is_empty() { "—".to_string() } else { ours.iter().map(|&v| number(v)).collect::<Vec<_>>().join(" / ") },
-                    "verdict": verdict, "note": note,
+                    "section": c.section,
+                    "ours": if judged.shown.is_empty() { "—".to_string() } else { judged.shown.join("; ") },
+                    "values": judged.values,
+                    "verdict": judged.verdict, "note": judged.note,
+                    "judged_here": c.profiles.contains(&profile),
                 })
             })
             .collect();
-
+        let verdicts: Vec<(String, Verdict)> = claims
+            .iter()
+            .map(|c| (c.id.clone(), judge(c, &profile, &metrics).verdict))
+            .collect();
+        let summary = claims_summary(&profile, &verdicts);
         let mut texts = BTreeMap::new();
         let text_dir = ctx.repo_path("paper/text");
         for entry in std::fs::read_dir(&text_dir)
@@ -764,6 +908,9 @@ impl StageKind for Report {
         let context = json!({
             "profile": profile,
             "claims": claim_rows,
+            "summary": summary,
+            "nuisance": nuisance_measures(&metrics, &ablation_results),
+            "architectures": architectures(ctx, &trained_configs)?,
             "datasets": datasets,
             "accuracy": accuracy,
             "trainings": trainings,
@@ -797,8 +944,12 @@ impl StageKind for Report {
                 "stage": d["stage"], "name": d["name"], "train": d["train"], "test": d["test"],
                 "files": d["files"], "source": d["source"],
             })).collect::<Vec<_>>(),
+            "summary": summary,
             "claims": claim_rows.iter().map(|c| json!({
-                "id": c["id"], "paper_value": c["paper_value"], "ours": c["ours"], "verdict": c["verdict"], "note": c["note"],
+                "id": c["id"], "statement": c["statement"], "paper_value": c["paper_value"],
+                "ours": c["ours"], "values": c["values"], "rule": c["tolerance"],
+                "judged_on": c["profiles"], "judged_here": c["judged_here"],
+                "verdict": c["verdict"], "note": c["note"], "section": c["section"],
             })).collect::<Vec<_>>(),
         });
         ctx.write_output("results.json", &serde_json::to_vec_pretty(&results)?)?;
