@@ -38,6 +38,11 @@ verify:
 report profile="cpu":
     cargo run --release --quiet --bin repro -- --profile {{profile}} report
 
+# Screenshot the rendered report (whole page, 1280 px wide, headless Chromium kept off the network)
+report-shot:
+    @python3 python/browser_check.py artifacts/report/index.html --screenshot artifacts/report/screenshot.png > /dev/null
+    @echo artifacts/report/screenshot.png
+
 # Delete the store, runs and report (build outputs stay)
 clean:
     rm -rf artifacts
