@@ -5,6 +5,8 @@
 
 pub mod architecture;
 pub mod figures;
+pub mod images;
+pub mod information_chart;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -294,10 +296,14 @@ pub enum Verdict {
     NotRun,
 }
 
-/// Where a number came from: the stage, its key, its params and how it ran.
+/// Where a number came from: the stage, its key, its params, how it ran and the objects it
+/// published.
 #[derive(Clone, Debug, Serialize)]
 pub struct Provenance {
     pub stage: String,
+    pub kind: String,
+    /// The full stage key (the store's manifest name) and its first 12 hex digits.
+    pub key: String,
     pub key_prefix: String,
     pub params: BTreeMap<String, String>,
     pub code_fingerprint_prefix: String,
@@ -308,6 +314,23 @@ pub struct Provenance {
     pub wall_seconds: String,
     /// Relative link to the stage's log inside the report directory.
     pub log: String,
+    /// The store object holding the log.
+    pub log_object: String,
+    pub threads: usize,
+    /// What the stage published, each with its store object and its link among the exported
+    /// outputs (`repro export --all`).
+    pub outputs: Vec<ProvenanceOutput>,
+}
+
+/// One published output of a stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProvenanceOutput {
+    pub name: String,
+    pub bytes: u64,
+    /// SHA-256 of the bytes: the object's name in the store.
+    pub object: String,
+    /// Relative link from the report directory to the exported file.
+    pub link: String,
 }
 
 /// Markdown to HTML (the literate texts under `paper/text/`).

@@ -43,9 +43,12 @@ use crate::outputs::{
     KnnResult, MetamerResult, MisalignedResult, PgdPoint, PgdResult, ProbeResult, ShortcutResult,
     SpheresFlowResult, TrainMetrics,
 };
-use crate::report::architecture;
-use crate::report::figures::{bar_chart, line_plot_panels, BarGroup, Series};
-use crate::report::{judge, markdown, read_claims, read_tables, render, Provenance, Verdict};
+use crate::report::figures::{line_plot_panels, Series};
+use crate::report::information_chart::{information_chart, BoundGroup};
+use crate::report::{architecture, images};
+use crate::report::{
+    judge, markdown, read_claims, read_tables, render, Provenance, ProvenanceOutput, Verdict,
+};
 
 pub struct Report;
 
@@ -58,10 +61,16 @@ pub struct ReportParams {
 
 impl TypedParams for ReportParams {}
 
+/// Where the exported outputs of every stage sit relative to the report directory
+/// (`artifacts/report/` and `artifacts/exports/<stage>/`, written by `repro export --all`).
+const EXPORTS: &str = "../exports";
+
 fn provenance(manifest: &Manifest) -> Provenance {
     let fields = &manifest.key_fields;
     Provenance {
         stage: manifest.stage.clone(),
+        kind: fields.kind.clone(),
+        key: manifest.key.clone(),
         key_prefix: manifest.key[..12].to_string(),
         params: fields
             .params
@@ -76,7 +85,38 @@ fn provenance(manifest: &Manifest) -> Provenance {
         started_utc: manifest.started_utc.clone(),
         wall_seconds: format!("{:.1}", manifest.seconds),
         log: format!("logs/{}.log", manifest.stage),
+        log_object: manifest.log.clone(),
+        threads: manifest.threads,
+        outputs: manifest
+            .outputs
+            .iter()
+            .map(|(name, o)| ProvenanceOutput {
+                name: name.clone(),
+                bytes: o.bytes,
+                object: o.hash.clone(),
+                link: format!("{EXPORTS}/{}/{name}", manifest.stage),
+            })
+            .collect(),
     }
+}
+
+/// The per-stage time table: every stage that led to this report, with the wall time it took
+/// when it was built (a cache hit in a later run costs nothing), in pipeline order.
+fn time_table(ctx: &StageContext) -> Value {
+    let manifests = ctx.ancestor_manifests();
+    let total: f64 = manifests.iter().map(|m| m.seconds).sum();
+    let rows: Vec<Value> = manifests
+        .iter()
+        .map(|m| {
+            json!({
+                "stage": m.stage, "kind": m.key_fields.kind, "key_prefix": &m.key[..12],
+                "started_utc": m.started_utc, "seconds": format!("{:.1}", m.seconds),
+                "share": if total > 0.0 { format!("{:.1}", 100.0 * m.seconds / total) } else { "0.0".to_string() },
+                "threads": m.threads, "device": m.key_fields.exec.device,
+            })
+        })
+        .collect();
+    json!({ "rows": rows, "total_seconds": format!("{total:.0}"), "total_minutes": format!("{:.1}", total / 60.0) })
 }
 
 /// Every number in a JSON output as `stage.field.subfield` (arrays are skipped: per-example
@@ -138,9 +178,9 @@ fn information(ctx: &mut StageContext, probes: &[(String, ProbeResult)]) -> Resu
             if label == "clean test" {
                 entropy = entropy.or(Some(h));
             }
-            groups.push(BarGroup {
+            groups.push(BoundGroup {
                 label: format!("{stage}: {label}"),
-                values: vec![s.information_bound_bits, n.information_bound_bits],
+                bounds: vec![s.information_bound_bits, n.information_bound_bits],
             });
             rows.push(json!({
                 "stage": stage, "set": label,
@@ -155,13 +195,7 @@ fn information(ctx: &mut StageContext, probes: &[(String, ProbeResult)]) -> Resu
         String::new()
     } else {
         let link = "figures/information_bars.svg".to_string();
-        let svg = bar_chart(
-            "Measured lower bounds on label information (bits)",
-            "bits",
-            &["I(y; z_s) ≥", "I(y; z_n) ≥"],
-            &groups,
-            entropy.map(|h| ("H(y)", h)),
-        );
+        let svg = information_chart(&["I(y; z_s) ≥", "I(y; z_n) ≥"], &groups, entropy);
         ctx.write_output(&link, svg.as_bytes())?;
         link
     };
@@ -177,6 +211,30 @@ fn copy_figure(ctx: &mut StageContext, stage: &str, file: &str) -> Result<String
     let link = format!("figures/{stage}_{file}");
     let bytes = ctx.input(stage, file)?;
     ctx.write_output(&link, &bytes)?;
+    Ok(link)
+}
+
+/// Copies a digit grid whose digits are `digit_pixels` wide into the report, enlarged so that a
+/// digit is at least [`images::MIN_DIGIT_PIXELS`] wide; returns its link ("" when absent).
+fn copy_digit_grid(
+    ctx: &mut StageContext,
+    stage: &str,
+    file: &str,
+    digit_pixels: usize,
+) -> Result<String> {
+    if !ctx.input_names(stage).contains(&file) {
+        return Ok(String::new());
+    }
+    let link = format!("figures/{stage}_{file}");
+    let bytes = ctx.input(stage, file)?;
+    let factor = images::factor_for(digit_pixels);
+    let shown = if factor > 1 {
+        images::upscale_png(&bytes, factor)
+            .with_context(|| format!("enlarging {file} of stage {stage}"))?
+    } else {
+        bytes
+    };
+    ctx.write_output(&link, &shown)?;
     Ok(link)
 }
 
@@ -749,7 +807,8 @@ impl StageKind for Report {
                 let pct = |v: f64| format!("{:.1}", 100.0 * v);
                 interpolations.push(json!({
                     "stage": stage, "dataset": dataset, "paths": result.paths, "steps": result.steps,
-                    "strips": copy_figure(ctx, stage, "strips.png")?,
+                    // Drawn 2× (56-pixel digits) by the interpolate stage.
+                    "strips": copy_digit_grid(ctx, stage, "strips.png", 56)?,
                     "changes": pct(result.fraction_label_changes),
                     "ends_as_b": pct(result.fraction_ends_as_nuisance_source),
                     "starts_as_a": pct(result.fraction_starts_as_logit_source),
@@ -763,7 +822,7 @@ impl StageKind for Report {
                 let pct = |v: f64| format!("{:.1}", 100.0 * v);
                 let sci = |v: f32| format!("{:.2e}", v as f64);
                 metamer_sets.push(json!({
-                    "stage": stage, "dataset": dataset, "pairs": result.pairs, "grid": copy_figure(ctx, stage, "triplets.png")?,
+                    "stage": stage, "dataset": dataset, "pairs": result.pairs, "grid": copy_digit_grid(ctx, stage, "triplets.png", 56)?,
                     "max_logit_diff": sci(result.max_logit_diff), "reconstruction_data": sci(result.reconstruction_data),
                     "reconstruction_metamer": sci(result.reconstruction_metamer),
                     "like_logit_source": pct(result.oracle_agrees_with_logit_source),
@@ -821,9 +880,15 @@ impl StageKind for Report {
             if has("metrics.json") {
                 let m: TrainMetrics = read_json(ctx, stage, "metrics.json")?;
                 trained_configs.push((stage.clone(), m.model.clone()));
+                // The learning rate is an f32: print it as one (0.001, not the f64 widening
+                // 0.0010000000474974513).
+                let mut history = tree(&m.history)?;
+                for (entry, epoch) in history.as_array_mut().into_iter().flatten().zip(&m.history) {
+                    entry["lr"] = json!(epoch.lr.to_string());
+                }
                 trainings.push(json!({
                     "stage": stage, "dataset": dataset, "model": m.model, "objective": m.objective, "settings": m.settings,
-                    "parameters": m.parameters, "history": m.history,
+                    "parameters": m.parameters, "history": history,
                     "curve": copy_figure(ctx, stage, "curve.svg")?, "provenance": upstream_provenance(ctx, stage),
                 }));
             }
@@ -911,6 +976,7 @@ impl StageKind for Report {
             "summary": summary,
             "nuisance": nuisance_measures(&metrics, &ablation_results),
             "architectures": architectures(ctx, &trained_configs)?,
+            "time": time_table(ctx),
             "datasets": datasets,
             "accuracy": accuracy,
             "trainings": trainings,
