@@ -101,6 +101,13 @@ enum Command {
         /// Target directory (created if needed; files of the same names are replaced).
         dir: PathBuf,
     },
+    /// Export every stage built under its current key into DIR/<stage>/ (default: `exports/`
+    /// beside the store, where the report's provenance blocks link). Stages not built are
+    /// listed and skipped.
+    ExportAll {
+        /// Target directory (default: the store's parent directory + `exports`).
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -239,6 +246,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gc { keep_runs } => gc(&cli, &registry, *keep_runs),
         Command::Show { stage } => show(&cli, &registry, &pipeline, stage),
         Command::Export { stage, dir } => export(&cli, &registry, &pipeline, stage, dir),
+        Command::ExportAll { dir } => export_all(&cli, &registry, &pipeline, dir.as_deref()),
     }
 }
 
@@ -342,6 +350,34 @@ fn export(
         &manifest.key[..12],
         dir.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_all(
+    cli: &Cli,
+    registry: &repro::engine::Registry,
+    pipeline: &Pipeline,
+    dir: Option<&Path>,
+) -> Result<ExitCode> {
+    let engine = engine(cli, registry, pipeline, false)?;
+    let dir = dir.map_or_else(
+        || cli.store.parent().unwrap_or(Path::new(".")).join("exports"),
+        Path::to_path_buf,
+    );
+    let (exported, skipped) = engine.export_all(&dir)?;
+    let files: usize = exported.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "exported {files} output(s) of {} stage(s) to {}",
+        exported.len(),
+        dir.display()
+    );
+    if !skipped.is_empty() {
+        eprintln!(
+            "not built under profile {} (skipped): {}",
+            pipeline.profile,
+            skipped.join(", ")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,6 +1,6 @@
 //! A stage's outputs without digging in the store: `show` (which objects a stage's *current*
-//! key published, with their paths and sizes) and `export` (copy them out under their output
-//! names).
+//! key published, with their paths and sizes) and `export` / `export-all` (copy them out under
+//! their output names; `export-all` writes `<dir>/<stage>/`, where the report links).
 //!
 //! "Current" means the key the stage has now, under the active profile and `--set`: the same
 //! resolution as `status`. A manifest published for an older key is never shown as if it were
@@ -60,6 +60,27 @@ impl Engine<'_> {
             key: row.key,
             reasons: row.reasons,
         })
+    }
+
+    /// Exports every stage built under its current key into `dir/<stage>/` (what the report's
+    /// provenance blocks link to). Returns the stages exported with their file counts, and
+    /// the stages skipped because they are not built under the current key.
+    pub fn export_all(&self, dir: &Path) -> Result<(Vec<(String, usize)>, Vec<String>)> {
+        let (mut exported, mut skipped) = (Vec::new(), Vec::new());
+        for row in self.status()? {
+            let manifest = match (&row.state, &row.key) {
+                (State::Fresh, Some(key)) => self.store.read_manifest(key)?,
+                _ => None,
+            };
+            match manifest {
+                Some(manifest) => {
+                    let files = self.export_outputs(&manifest, &dir.join(&row.name))?;
+                    exported.push((row.name, files.len()));
+                }
+                None => skipped.push(row.name),
+            }
+        }
+        Ok((exported, skipped))
     }
 
     /// The files of a manifest's outputs, in name order.

@@ -318,7 +318,7 @@ pub struct Provenance {
     pub log_object: String,
     pub threads: usize,
     /// What the stage published, each with its store object and its link among the exported
-    /// outputs (`repro export --all`).
+    /// outputs (`repro export-all`).
     pub outputs: Vec<ProvenanceOutput>,
 }
 

@@ -62,7 +62,7 @@ pub struct ReportParams {
 impl TypedParams for ReportParams {}
 
 /// Where the exported outputs of every stage sit relative to the report directory
-/// (`artifacts/report/` and `artifacts/exports/<stage>/`, written by `repro export --all`).
+/// (`artifacts/report/` and `artifacts/exports/<stage>/`, written by `repro export-all`).
 const EXPORTS: &str = "../exports";
 
 fn provenance(manifest: &Manifest) -> Provenance {
