@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 // Training allocates and frees buffers of tens of MB every step; glibc returns those to the
@@ -18,8 +18,11 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use repro::engine::diff::{self, ResultsSource, Side, SideSpec};
+use repro::engine::store::atomic_write;
 use repro::engine::{
-    maintain, pipeline, ConfigError, Engine, Outcome, Pipeline, RunOptions, RunRecord, Store,
+    maintain, pipeline, run_record_paths, ConfigError, Engine, Outcome, Pipeline, RunOptions,
+    RunRecord, Store,
 };
 
 #[derive(Parser)]
@@ -108,6 +111,28 @@ enum Command {
         /// Target directory (default: the store's parent directory + `exports`).
         dir: Option<PathBuf>,
     },
+    /// Compare two runs: which stages changed and why, and which results moved.
+    ///
+    /// Prints the stages only in A or only in B; for each stage whose key changed, the key
+    /// fields that differ (kind, code fingerprint, params old -> new, input content hashes by
+    /// name, device/dtype/seed) and, where both builds are in the store, which outputs' bytes
+    /// changed (none: early cutoff); then every number of the report's results.json that moved
+    /// (old, new, absolute and relative change), metrics added or removed, and claims whose
+    /// verdict changed. Stages are listed in pipeline order, metrics by name. Exits 0 whenever
+    /// both sides load: differences are information, not failure.
+    Diff {
+        /// Side A: a run record, or `profile:NAME` for that profile's current keys (as `status`
+        /// computes them, with any --set; nothing is built). A run record is a path, or in the
+        /// runs/ directory next to the store: a file name, a start timestamp (with or without
+        /// its ':' and '-'), a prefix of one that fits a single record, `last`, or `last~N`.
+        a: String,
+        /// Side B, in the same forms as A.
+        b: String,
+        /// Also write the comparison as a self-contained HTML page: `--html=PATH`, or `--html`
+        /// alone for diff.html next to the report (the report/ directory beside the store).
+        #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true)]
+        html: Option<Option<PathBuf>>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -176,6 +201,10 @@ fn engine<'a>(
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let registry = repro::stages::registry();
+    // `diff` loads the pipeline only for a `profile:` side, under that side's profile.
+    if let Command::Diff { a, b, html } = &cli.command {
+        return diff(&cli, &registry, a, b, html.as_ref());
+    }
     // Everything is validated before the store is opened: a bad pipeline touches nothing.
     let pipeline = Pipeline::load(&cli.pipeline, &cli.profile, &cli.sets, &registry)?;
     match &cli.command {
@@ -247,6 +276,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Show { stage } => show(&cli, &registry, &pipeline, stage),
         Command::Export { stage, dir } => export(&cli, &registry, &pipeline, stage, dir),
         Command::ExportAll { dir } => export_all(&cli, &registry, &pipeline, dir.as_deref()),
+        Command::Diff { .. } => unreachable!("handled before the pipeline is loaded"),
     }
 }
 
@@ -381,6 +411,83 @@ fn export_all(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where run records go: `runs/` beside the store.
+fn runs_dir(cli: &Cli) -> PathBuf {
+    cli.store.parent().unwrap_or(Path::new(".")).join("runs")
+}
+
+/// `diff A B [--html[=PATH]]`.
+fn diff(
+    cli: &Cli,
+    registry: &repro::engine::Registry,
+    a: &str,
+    b: &str,
+    html: Option<&Option<PathBuf>>,
+) -> Result<ExitCode> {
+    // Reading only: a mistyped --store must not create an empty store.
+    if !cli.store.is_dir() {
+        anyhow::bail!(
+            "no store at {} (--store or REPRO_STORE names it)",
+            cli.store.display()
+        );
+    }
+    let runs = runs_dir(cli);
+    // Both arguments are checked before either side is loaded.
+    let specs = [SideSpec::parse(a, &runs)?, SideSpec::parse(b, &runs)?];
+    let store = Store::open(&cli.store)?;
+    let mut sides = Vec::new();
+    for spec in &specs {
+        sides.push(match spec {
+            SideSpec::Run(path) => Side::from_run_record(path, &store)?,
+            SideSpec::Profile(name) => {
+                let pipeline =
+                    Pipeline::load(&cli.pipeline, name, &cli.sets, registry).map_err(|e| {
+                        // The profile came from a diff argument, not from --profile.
+                        if e.location == format!("--profile {name}") {
+                            ConfigError {
+                                location: format!("profile:{name}"),
+                                ..e
+                            }
+                        } else {
+                            e
+                        }
+                    })?;
+                let engine = engine(cli, registry, &pipeline, false)?;
+                Side::from_engine(&engine)?
+            }
+        });
+    }
+    let results = ResultsSource {
+        stage: "report",
+        output: "results.json",
+    };
+    let comparison = diff::compare(&sides[0], &sides[1], &store, results)?;
+    print!("{}", comparison.text());
+    if let Some(path) = html {
+        let path = path.clone().unwrap_or_else(|| {
+            cli.store
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("report")
+                .join("diff.html")
+        });
+        let Some(file) = path.file_name() else {
+            anyhow::bail!("--html={} does not name a file", path.display());
+        };
+        // A bare file name lies in "."; the rename's directory must be named to be synced.
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs_err::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".diff-{}.html.tmp", std::process::id()));
+        let page = diff::html::page(&comparison);
+        atomic_write(&dir.join(file), page.as_bytes(), &tmp)?;
+        eprintln!("diff page: {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result<ExitCode> {
     let store = Store::open(&cli.store)?;
     // Alone with the store: no build is between publishing an object and its manifest.
@@ -391,19 +498,9 @@ fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result
         let engine = engine(cli, registry, &pipeline, false)?;
         keep.extend(engine.current_keys()?);
     }
-    let runs_dir = cli.store.parent().unwrap_or(Path::new(".")).join("runs");
-    let mut runs: Vec<PathBuf> = std::fs::read_dir(&runs_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    runs.sort();
+    let runs = run_record_paths(&runs_dir(cli));
     for path in runs.iter().rev().take(keep_runs) {
-        let bytes = fs_err::read(path)?;
-        let record: RunRecord = serde_json::from_slice(&bytes)
-            .with_context(|| format!("run record {} is malformed", path.display()))?;
+        let record = RunRecord::read(path)?;
         keep.extend(record.stages.into_iter().filter_map(|s| s.key));
     }
     let report = maintain::gc(&store, &keep)?;

@@ -510,6 +510,8 @@ fn every_command_has_help() {
         "report",
         "show",
         "export",
+        "export-all",
+        "diff",
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_repro"))
             .args([command, "--help"])

@@ -9,8 +9,10 @@
 //! Module map: [`params`] (typed, canonically encoded parameters), [`key`] (stage keys),
 //! [`pipeline`] (pipeline.toml + profiles + `--set`), [`stage`] (the trait and the context a
 //! stage runs in), [`store`] (objects, manifests, locks), [`run`] (building and explaining),
-//! [`maintain`] (`verify`, `gc`), [`export`] (`show`, `export`: a stage's current outputs).
+//! [`maintain`] (`verify`, `gc`), [`export`] (`show`, `export`: a stage's current outputs),
+//! [`diff`] (`diff`: two runs, or a run and a profile's current keys, compared).
 
+pub mod diff;
 pub mod export;
 pub mod key;
 pub mod maintain;
@@ -28,7 +30,8 @@ pub use params::{
 };
 pub use pipeline::{ConfigError, Pipeline, Stage};
 pub use run::{
-    record_interrupted_runs, Engine, Outcome, RunOptions, RunRecord, StageStatus, State,
+    record_interrupted_runs, run_record_paths, CurrentStage, Engine, Outcome, RunOptions,
+    RunRecord, StageStatus, State,
 };
 pub use stage::{AnyStageKind, Finished, Registry, StageContext, StageKind};
 pub use store::{CorruptObject, Manifest, Store};

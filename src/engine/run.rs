@@ -56,6 +56,27 @@ impl RunRecord {
             .iter()
             .any(|s| matches!(s.outcome, Outcome::Failed | Outcome::Interrupted))
     }
+
+    /// Reads a run record; a file that does not parse is an error naming it.
+    pub fn read(path: &Path) -> Result<RunRecord> {
+        let bytes = fs::read(path)?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("run record {} is malformed", path.display()))
+    }
+}
+
+/// The run records (`*.json`) in `runs_dir`, oldest first: their names are UTC timestamps, so
+/// name order is start order. A missing directory has none.
+pub fn run_record_paths(runs_dir: &Path) -> Vec<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(runs_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    runs.sort();
+    runs
 }
 
 /// The run record of a run in progress, kept on disk as the run goes: when a stage starts
@@ -136,6 +157,15 @@ pub enum State {
     Fresh,
     Stale,
     Missing,
+}
+
+/// One stage as [`Engine::current`] resolves it.
+#[derive(Clone, Debug)]
+pub struct CurrentStage {
+    pub status: StageStatus,
+    pub kind: String,
+    /// The fields of `status.key`; `None` when the key waits on an upstream stage.
+    pub fields: Option<KeyFields>,
 }
 
 /// Options that do not change any key.
@@ -691,11 +721,18 @@ impl<'a> Engine<'a> {
 
     /// Current state of every stage, without building anything.
     pub fn status(&self) -> Result<Vec<StageStatus>> {
+        Ok(self.current()?.into_iter().map(|c| c.status).collect())
+    }
+
+    /// Every stage as the pipeline and the store resolve it now, without building anything:
+    /// its status and, where its key can be computed, the key fields (for `diff`, which
+    /// compares them with another run's).
+    pub fn current(&self) -> Result<Vec<CurrentStage>> {
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
         let mut rows = Vec::new();
         for stage in &self.pipeline.stages {
             let last = self.store.last_manifest(&stage.name)?;
-            let (row, state) = match self.key_fields(stage, &resolved)? {
+            let (status, fields, state) = match self.key_fields(stage, &resolved)? {
                 Ok(fields) => {
                     let key = fields.key();
                     match self.usable_manifest(&key)? {
@@ -706,6 +743,7 @@ impl<'a> Engine<'a> {
                                 key: Some(key),
                                 reasons: vec![],
                             },
+                            Some(fields),
                             Resolved::Built(Box::new(m)),
                         ),
                         None => {
@@ -724,6 +762,7 @@ impl<'a> Engine<'a> {
                                     key: Some(key),
                                     reasons,
                                 },
+                                Some(fields),
                                 Resolved::Unavailable(format!("{} is not built", stage.name)),
                             )
                         }
@@ -738,11 +777,16 @@ impl<'a> Engine<'a> {
                             key: None,
                             reasons: vec![reason],
                         },
+                        None,
                         Resolved::Unavailable(format!("{} is not built", stage.name)),
                     )
                 }
             };
-            rows.push(row);
+            rows.push(CurrentStage {
+                status,
+                kind: stage.kind.clone(),
+                fields,
+            });
             resolved.insert(stage.name.clone(), state);
         }
         Ok(rows)
@@ -862,6 +906,9 @@ pub fn diff_key_fields(old: &KeyFields, new: &KeyFields) -> Vec<String> {
             new.exec.seed
         ));
     }
+    // A stage reading two outputs of one upstream lists that upstream's manifest twice.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|line| seen.insert(line.clone()));
     out
 }
 
