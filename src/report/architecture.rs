@@ -298,7 +298,7 @@ mod tests {
 
     #[test]
     fn levels_add_up_to_the_models_parameters_and_dimensions() {
-        for (levels, batchnorm) in [(3, false), (2, true)] {
+        for (levels, batchnorm) in [(3, false), (4, true)] {
             let config = config(levels, batchnorm);
             let summary = summarise(&config);
             let flow = FiRevNet::new(&device(), config.clone(), &mut rng_for(1, "x"));
