@@ -199,7 +199,11 @@ fn information(ctx: &mut StageContext, probes: &[(String, ProbeResult)]) -> Resu
         ctx.write_output(&link, svg.as_bytes())?;
         link
     };
-    Ok(json!({ "figure": figure, "rows": rows }))
+    let provenance: Vec<Provenance> = probes
+        .iter()
+        .map(|(stage, _)| upstream_provenance(ctx, stage))
+        .collect();
+    Ok(json!({ "figure": figure, "rows": rows, "provenance": provenance }))
 }
 
 /// Copies an upstream figure into the report as `figures/<stage>_<file>`; returns its link, or
@@ -647,8 +651,12 @@ fn architectures(ctx: &mut StageContext, trained: &[(String, ModelConfig)]) -> R
         let summary = architecture::summarise(config);
         let link = format!("figures/architecture_{}.svg", i + 1);
         ctx.write_output(&link, architecture::architecture_svg(&summary).as_bytes())?;
+        let provenance: Vec<Provenance> = stages
+            .iter()
+            .map(|stage| upstream_provenance(ctx, stage))
+            .collect();
         out.push(json!({
-            "figure": link, "stages": stages, "summary": summary,
+            "figure": link, "stages": stages, "summary": summary, "provenance": provenance,
             "levels": summary.levels.iter().map(|l| json!({
                 "level": l.level + 1,
                 "input": format!("{}×{}×{}", l.input[0], l.input[1], l.input[2]),
