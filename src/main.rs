@@ -394,7 +394,7 @@ fn export_all(
         || cli.store.parent().unwrap_or(Path::new(".")).join("exports"),
         Path::to_path_buf,
     );
-    let (exported, skipped) = engine.export_all(&dir)?;
+    let repro::engine::export::ExportedAll { exported, skipped } = engine.export_all(&dir)?;
     let files: usize = exported.iter().map(|(_, n)| n).sum();
     eprintln!(
         "exported {files} output(s) of {} stage(s) to {}",

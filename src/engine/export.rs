@@ -32,6 +32,15 @@ pub enum CurrentOutputs {
     },
 }
 
+/// What `export-all` did.
+#[derive(Clone, Debug, Default)]
+pub struct ExportedAll {
+    /// Stages exported, with the number of files each.
+    pub exported: Vec<(String, usize)>,
+    /// Stages not built under their current key (nothing exported).
+    pub skipped: Vec<String>,
+}
+
 /// One output as `show` lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputFile {
@@ -63,10 +72,9 @@ impl Engine<'_> {
     }
 
     /// Exports every stage built under its current key into `dir/<stage>/` (what the report's
-    /// provenance blocks link to). Returns the stages exported with their file counts, and
-    /// the stages skipped because they are not built under the current key.
-    pub fn export_all(&self, dir: &Path) -> Result<(Vec<(String, usize)>, Vec<String>)> {
-        let (mut exported, mut skipped) = (Vec::new(), Vec::new());
+    /// provenance blocks link to).
+    pub fn export_all(&self, dir: &Path) -> Result<ExportedAll> {
+        let mut all = ExportedAll::default();
         for row in self.status()? {
             let manifest = match (&row.state, &row.key) {
                 (State::Fresh, Some(key)) => self.store.read_manifest(key)?,
@@ -75,12 +83,12 @@ impl Engine<'_> {
             match manifest {
                 Some(manifest) => {
                     let files = self.export_outputs(&manifest, &dir.join(&row.name))?;
-                    exported.push((row.name, files.len()));
+                    all.exported.push((row.name, files.len()));
                 }
-                None => skipped.push(row.name),
+                None => all.skipped.push(row.name),
             }
         }
-        Ok((exported, skipped))
+        Ok(all)
     }
 
     /// The files of a manifest's outputs, in name order.
