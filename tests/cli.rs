@@ -158,11 +158,9 @@ fn editing_a_report_template_reruns_only_the_report() {
     sb.run(&["reproduce"]);
     let template = sb.path("paper/templates/claims.html.tera");
     let text = std::fs::read_to_string(&template).unwrap();
-    std::fs::write(
-        &template,
-        text.replace("Claims and verdicts", "Claims, verdicts"),
-    )
-    .unwrap();
+    let edited = text.replace("Claims at a glance", "Claims, at a glance");
+    assert_ne!(edited, text, "the edit must change the template");
+    std::fs::write(&template, edited).unwrap();
     let out = sb.repro(&["why", "report"]);
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("file paper/templates/claims.html.tera changed"));
@@ -172,7 +170,7 @@ fn editing_a_report_template_reruns_only_the_report() {
     assert!(
         std::fs::read_to_string(sb.path("artifacts/report/index.html"))
             .unwrap()
-            .contains("Claims, verdicts")
+            .contains("Claims, at a glance")
     );
 }
 

@@ -1,10 +1,16 @@
 //! Stage `report`: renders the reproduction report, `artifacts/report/index.html`, and its
 //! machine-readable twin `results.json`.
 //!
-//! Paper: all of it. A summary lists every claim of `paper/claims.toml` (C1–C15) with its
-//! verdict; each section shows our number beside the paper's, the verdict with its tolerance,
-//! the protocol note where we had to decide, and provenance (stage, key prefix, params, code
-//! fingerprint, device, wall time, log). Claims no stage measures yet say "not run".
+//! Paper: all of it. At the top, every claim of `paper/claims.toml` (C1–C15) in one table
+//! (statement, the paper's value, ours with its parts, the rule, the profiles it is judged on,
+//! the verdict, a link to its section) under a one-sentence count of the verdicts; then each
+//! section in the paper's order (Fig. 3 drawn from the trained configs; C2 and C4 with the
+//! adversary and the fresh probe side by side and the ablation's cells) shows our number
+//! beside the paper's, the verdict with its tolerance, the protocol note where we had to
+//! decide, and provenance (stage, key, params, code fingerprint, device, wall time, log, every
+//! output with its store object and its link under `exports/`). Last, the wall time of every
+//! stage behind the report (it reads its ancestors' manifests). Claims no stage measures yet
+//! say "not run", with the reason.
 //! Inputs: every upstream stage declared in pipeline.toml, recognised by what it publishes
 //! (`summary.json` a dataset, `evaluation.json` / `ensemble.json` an accuracy row,
 //! `metrics.json` + `curve.svg` a training run, `metamers.json` + `triplets.png` a Fig. 4
@@ -14,8 +20,9 @@
 //! repository files
 //! `paper/templates/`, `paper/text/`, `paper/claims.toml` (claims and their rules) and
 //! `paper/tables.toml` (which stage fills which table row, and the paper's numbers).
-//! Outputs: `index.html`, `results.json` (profile, every published number, every claim's
-//! verdict), `figures/*.svg`, `logs/<stage>.log` (all exported to artifacts/report/).
+//! Outputs: `index.html`, `results.json` (profile, every published number, the verdict count,
+//! every claim with its rule, verdict and section), `figures/*.svg|png` (digit grids enlarged
+//! to 84-pixel digits), `logs/<stage>.log` (all exported to artifacts/report/).
 //! Deterministic: no clocks, no paths of this machine; the same inputs give the same bytes.
 //!
 //! Every upstream JSON is read through its contract (`crate::outputs`,
