@@ -24,6 +24,11 @@ test:
     cargo clippy --features cuda,ci-check --all-targets --quiet -- -D warnings
     cargo test
 
+# Where a training step's time goes: per-function profiles of the fi-RevNet CE and iCE steps and
+# the CNN step at 1 and 2 threads (perf, software clock) in artifacts/bench/profile/
+profile:
+    bash bench/profile.sh
+
 # Benchmarks with their peers measured in the same run (results in artifacts/bench/)
 bench:
     cargo bench --bench noop_reproduce

@@ -7,6 +7,11 @@
 //! (bench/pytorch_env.sh); when that cannot be made, it is skipped with a message.
 //!
 //! Our side runs in a child process per thread count (rayon's pool size is fixed per process).
+//!
+//! Profiling (`just profile`): `TRAIN_STEP_CHILD=<workload> TRAIN_STEP_PROFILE_STEPS=<n>` runs
+//! n steps untimed after the warm-up, for `perf record` to sample. The workloads are the two
+//! above plus `firevnet_ice` (the cpu iCE step: flow + 5 adversary steps + the factorial prior),
+//! which the profile covers before its PyTorch peer exists.
 
 use std::process::Command;
 use std::time::Instant;
@@ -15,6 +20,9 @@ use dfdx::prelude::*;
 use rand::Rng;
 use repro::nn::cnn::{CnnConfig, SmallCnn};
 use repro::nn::flow::{CouplingKind, FiRevNet, Permutation, RevNetConfig};
+use repro::nn::ice::{
+    revnet_ice_step, AdversaryVariant, IceRngs, IceSettings, IceState, MleVariant,
+};
 use repro::nn::objective::{cnn_step, revnet_ce_step};
 use repro::nn::optim::{Optimizer, OptimizerKind};
 use repro::nn::{device, rng_for, T2};
@@ -34,6 +42,16 @@ fn median_ms(mut step: impl FnMut()) -> f64 {
     for _ in 0..WARMUP {
         step();
     }
+    // Profiling: the steps alone, no timing (the sampler measures).
+    if let Some(steps) = std::env::var("TRAIN_STEP_PROFILE_STEPS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        for _ in 0..steps {
+            step();
+        }
+        return 0.0;
+    }
     let mut times: Vec<f64> = (0..ITERS)
         .map(|_| {
             let start = Instant::now();
@@ -51,7 +69,7 @@ fn ours(workload: &str) -> f64 {
     let mut rng = rng_for(0, "bench");
     let labels: Vec<u8> = (0..BATCH).map(|_| rng.gen_range(0..10)).collect();
     match workload {
-        "firevnet_cpu" => {
+        "firevnet_cpu" | "firevnet_ice" => {
             let config = RevNetConfig {
                 in_channels: 1,
                 size: 32,
@@ -74,6 +92,38 @@ fn ours(workload: &str) -> f64 {
             );
             let mut optim = Optimizer::new(OptimizerKind::Adamax, &dev, &model);
             let mut dropout = rng_for(0, "dropout");
+            if workload == "firevnet_ice" {
+                // The cpu profile's iCE settings (pipeline.toml, stage train_ice).
+                let settings = IceSettings {
+                    variant: AdversaryVariant::Paper,
+                    w_adv: 1.0,
+                    inner_steps: 5,
+                    mle: MleVariant::Paper,
+                    w_mle: 1.0,
+                    adversary_width: 512,
+                    adversary_layers: 3,
+                    adversary_dropout: 0.1,
+                    adversary_lr: 1e-3,
+                };
+                let mut ice = IceState::new(&dev, &model, settings, OptimizerKind::Adamax, 0);
+                let mut rngs = IceRngs::for_epoch(0, 0);
+                return median_ms(|| {
+                    let (grads, _) = revnet_ice_step(
+                        &model,
+                        &mut ice,
+                        x.clone(),
+                        &labels,
+                        Some(&mut dropout),
+                        &mut rngs,
+                    );
+                    optim.update(&mut model, &grads, 1e-3);
+                    if let Some((prior, optimizer)) = ice.prior.as_mut() {
+                        optimizer.update(prior, &grads, 1e-3);
+                    }
+                    drop(grads);
+                    dev.empty_cache();
+                });
+            }
             median_ms(|| {
                 let (grads, _) =
                     revnet_ce_step(&model, x.clone(), &labels, 1.0, Some(&mut dropout));
