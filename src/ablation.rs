@@ -31,6 +31,15 @@ pub struct AblationResult {
     pub rows: Vec<AblationRow>,
 }
 
+/// An adversary variant as pipeline.toml spells it.
+pub fn variant_name(variant: AdversaryVariant) -> &'static str {
+    match variant {
+        AdversaryVariant::Paper => "paper",
+        AdversaryVariant::Confusion => "confusion",
+        AdversaryVariant::Code => "code",
+    }
+}
+
 /// Which objective a cell trains the flow with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

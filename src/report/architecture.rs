@@ -12,6 +12,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use super::svg_text;
 use crate::nn::flow::{CouplingKind, FiRevNet, RevNetConfig};
 use crate::nn::{device, rng_for, HasParams};
 
@@ -106,13 +107,6 @@ fn shape(s: [usize; 3]) -> String {
     format!("{}×{}×{}", s[0], s[1], s[2])
 }
 
-/// Escapes text for SVG.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 /// The figure: input → one column of boxes per level (squeeze, K steps, split) → z_s / z_n.
 pub fn architecture_svg(summary: &ArchitectureSummary) -> String {
     let column = 230;
@@ -130,7 +124,7 @@ pub fn architecture_svg(summary: &ArchitectureSummary) -> String {
         let _ = writeln!(
             svg,
             r#"<text x="{x}" y="{y}" text-anchor="{anchor}" font-weight="{weight}">{}</text>"#,
-            escape(s)
+            svg_text(s)
         );
     };
     let arrow = |svg: &mut String, x1: usize, y1: usize, x2: usize, y2: usize| {

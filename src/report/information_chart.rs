@@ -10,18 +10,14 @@
 
 use std::fmt::Write;
 
+use super::svg_text;
+
 const COLOURS: [&str; 2] = ["#1f77b4", "#d62728"];
 
 /// One group: a model on one data set, with one bound per series (z_s, z_n).
 pub struct BoundGroup {
     pub label: String,
     pub bounds: Vec<f64>,
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 /// The chart as SVG; `series` names the bounds of each group in order, `ceiling` is H(y).
@@ -74,7 +70,7 @@ pub fn information_chart(series: &[&str], groups: &[BoundGroup], ceiling: Option
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
             left - 8.0,
             y0 + bar_h * series.len() as f64 / 2.0 + 4.0,
-            escape(&group.label)
+            svg_text(&group.label)
         );
         for (i, &bound) in group.bounds.iter().enumerate() {
             let colour = COLOURS[i % COLOURS.len()];
@@ -121,7 +117,7 @@ pub fn information_chart(series: &[&str], groups: &[BoundGroup], ceiling: Option
             ly - 10.0,
             COLOURS[i % COLOURS.len()],
             lx + 18.0,
-            escape(name)
+            svg_text(name)
         );
     }
     svg.push_str("</svg>\n");

@@ -333,6 +333,13 @@ pub struct ProvenanceOutput {
     pub link: String,
 }
 
+/// Text for an SVG `<text>` element (the report's own figures).
+pub fn svg_text(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 /// Markdown to HTML (the literate texts under `paper/text/`).
 pub fn markdown(text: &str) -> String {
     let mut html = String::new();

@@ -31,7 +31,7 @@
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use crate::ablation::{AblationResult, AblationRow as Row, CellObjective};
+use crate::ablation::{variant_name, AblationResult, AblationRow as Row, CellObjective};
 use crate::data::Arrays;
 use crate::engine::{
     at_least, deserialize_params, non_negative, split_prefixed, Finished, ParamError, Params,
@@ -154,15 +154,6 @@ fn probe_nuisance(
         test.information_bound_bits,
         adversary,
     ))
-}
-
-/// An adversary variant as pipeline.toml spells it.
-fn variant_name(variant: AdversaryVariant) -> &'static str {
-    match variant {
-        AdversaryVariant::Paper => "paper",
-        AdversaryVariant::Confusion => "confusion",
-        AdversaryVariant::Code => "code",
-    }
 }
 
 impl StageKind for Ablation {

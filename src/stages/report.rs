@@ -40,7 +40,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::ablation::{AblationResult, AblationRow, CellObjective};
+use crate::ablation::{variant_name, AblationResult, AblationRow, CellObjective};
 use crate::data::DatasetSummary;
 use crate::engine::{Finished, Manifest, StageContext, StageKind, TypedParams};
 use crate::nn::flow::RevNetConfig;
@@ -54,7 +54,8 @@ use crate::report::figures::{line_plot_panels, Series};
 use crate::report::information_chart::{information_chart, BoundGroup};
 use crate::report::{architecture, images};
 use crate::report::{
-    judge, markdown, read_claims, read_tables, render, Provenance, ProvenanceOutput, Verdict,
+    judge, markdown, read_claims, read_tables, render, Judgement, Provenance, ProvenanceOutput,
+    Verdict,
 };
 
 pub struct Report;
@@ -216,13 +217,7 @@ fn information(ctx: &mut StageContext, probes: &[(String, ProbeResult)]) -> Resu
 /// Copies an upstream figure into the report as `figures/<stage>_<file>`; returns its link, or
 /// an empty string when the stage did not publish (or declare) it.
 fn copy_figure(ctx: &mut StageContext, stage: &str, file: &str) -> Result<String> {
-    if !ctx.input_names(stage).contains(&file) {
-        return Ok(String::new());
-    }
-    let link = format!("figures/{stage}_{file}");
-    let bytes = ctx.input(stage, file)?;
-    ctx.write_output(&link, &bytes)?;
-    Ok(link)
+    copy_figure_as(ctx, stage, file, Ok)
 }
 
 /// Copies a digit grid whose digits are `digit_pixels` wide into the report, enlarged so that a
@@ -233,19 +228,29 @@ fn copy_digit_grid(
     file: &str,
     digit_pixels: usize,
 ) -> Result<String> {
+    let factor = images::factor_for(digit_pixels);
+    copy_figure_as(ctx, stage, file, |bytes| {
+        if factor == 1 {
+            return Ok(bytes);
+        }
+        images::upscale_png(&bytes, factor)
+            .with_context(|| format!("enlarging {file} of stage {stage}"))
+    })
+}
+
+/// [`copy_figure`] with the bytes passed through `shown` on the way.
+fn copy_figure_as(
+    ctx: &mut StageContext,
+    stage: &str,
+    file: &str,
+    shown: impl FnOnce(Vec<u8>) -> Result<Vec<u8>>,
+) -> Result<String> {
     if !ctx.input_names(stage).contains(&file) {
         return Ok(String::new());
     }
     let link = format!("figures/{stage}_{file}");
-    let bytes = ctx.input(stage, file)?;
-    let factor = images::factor_for(digit_pixels);
-    let shown = if factor > 1 {
-        images::upscale_png(&bytes, factor)
-            .with_context(|| format!("enlarging {file} of stage {stage}"))?
-    } else {
-        bytes
-    };
-    ctx.write_output(&link, &shown)?;
+    let bytes = shown(ctx.input(stage, file)?)?;
+    ctx.write_output(&link, &bytes)?;
     Ok(link)
 }
 
@@ -624,7 +629,7 @@ fn nuisance_measures(
                 .map(|r| {
                     json!({
                         "objective": r.objective.label(),
-                        "adversary": r.adversary.map_or("—".to_string(), |a| tree(&a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+                        "adversary": r.adversary.map_or("—", variant_name),
                         "w_adv": r.w_adv.map_or("—".to_string(), |v| v.to_string()),
                         "w_mle": r.w_mle.map_or("—".to_string(), |v| v.to_string()),
                         "logit_test": format!("{:.2}", r.logit_test_error),
@@ -792,7 +797,7 @@ impl StageKind for Report {
                         json!({
                             "objective": r.objective.label(),
                             "w_mle": r.w_mle.map_or_else(na, |v| v.to_string()),
-                            "adversary": r.adversary.map_or_else(na, |a| tree(&a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+                            "adversary": r.adversary.map_or("—", variant_name),
                             // Stored as f32: print the f32 (0.1, not 0.10000000149011612).
                             "w_adv": r.w_adv.map_or_else(na, |v| v.to_string()),
                             "inner_steps": r.inner_steps.map_or_else(na, |v| v.to_string()),
@@ -947,10 +952,14 @@ impl StageKind for Report {
             }));
         }
 
+        let judgements: Vec<Judgement> = claims
+            .iter()
+            .map(|c| judge(c, &profile, &metrics))
+            .collect();
         let claim_rows: Vec<Value> = claims
             .iter()
-            .map(|c| {
-                let judged = judge(c, &profile, &metrics);
+            .zip(&judgements)
+            .map(|(c, judged)| {
                 json!({
                     "id": c.id, "statement": c.statement, "paper_value": c.paper_value,
                     "tolerance": c.tolerance, "profiles": c.profiles.join(", "), "source": c.source,
@@ -964,7 +973,8 @@ impl StageKind for Report {
             .collect();
         let verdicts: Vec<(String, Verdict)> = claims
             .iter()
-            .map(|c| (c.id.clone(), judge(c, &profile, &metrics).verdict))
+            .zip(&judgements)
+            .map(|(c, judged)| (c.id.clone(), judged.verdict))
             .collect();
         let summary = claims_summary(&profile, &verdicts);
         let mut texts = BTreeMap::new();
