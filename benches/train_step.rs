@@ -28,10 +28,9 @@ use repro::nn::optim::{Optimizer, OptimizerKind};
 use repro::nn::{device, rng_for, T2};
 use serde_json::{json, Value};
 
-// The same allocator as the `repro` binary (see src/main.rs): without it, page faults on the
-// large per-step buffers cost more than the arithmetic.
+// The same allocator as the `repro` binary, with the same options (src/allocator.rs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: repro::allocator::Allocator = mimalloc::MiMalloc;
 
 const BATCH: usize = 128;
 const WARMUP: usize = 3;
@@ -199,6 +198,7 @@ fn pytorch(threads: usize) -> Option<Value> {
 }
 
 fn main() {
+    repro::allocator::keep_freed_memory();
     if let Ok(workload) = std::env::var("TRAIN_STEP_CHILD") {
         println!("{}", ours(&workload));
         return;

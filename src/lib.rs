@@ -11,9 +11,11 @@
 //!   [`outputs`] (the JSON contracts between stages; [`ablation`] holds the iCE sweep's own)
 //!   and [`report`] (figures, HTML rendering).
 //!
-//! The binary `repro` (src/main.rs) is the command line over both.
+//! The binary `repro` (src/main.rs) is the command line over both; [`allocator`] is the memory
+//! allocator it and the benchmarks run on.
 
 pub mod ablation;
+pub mod allocator;
 pub mod attack;
 pub mod data;
 pub mod engine;

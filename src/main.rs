@@ -12,11 +12,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-// Training allocates and frees buffers of tens of MB every step; glibc returns those to the
-// kernel (they are above its mmap threshold), and the page faults to get them back cost more
-// than the arithmetic. mimalloc keeps them.
+// Training allocates and frees buffers of tens of MB every step: see src/allocator.rs.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: repro::allocator::Allocator = mimalloc::MiMalloc;
 
 use repro::engine::diff::{self, ResultsSource, Side, SideSpec};
 use repro::engine::store::atomic_write;
@@ -136,6 +134,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    repro::allocator::keep_freed_memory();
     let cli = Cli::parse();
     // Ctrl-C / SIGTERM: record what was building as `interrupted`, then stop. What it left in
     // the store's tmp/ is never a result (and `gc` removes it); its checkpoints let the next

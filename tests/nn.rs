@@ -1141,6 +1141,65 @@ fn the_per_channel_affine_op_matches_dfdx_broadcasts_in_value_and_gradients() {
     }
 }
 
+/// The fused `affine → ReLU → dropout` op against the unfused chain (our affine op, dfdx's
+/// `relu`, `ops::dropout` from a generator with the same seed): the same f32 operations in
+/// the same order, so values and all three gradients must agree bit for bit.
+#[test]
+fn the_fused_affine_relu_dropout_gives_the_unfused_chains_bits() {
+    use repro::nn::channel::{affine_per_channel, affine_relu_dropout};
+    use repro::nn::ops::dropout;
+    let dev = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (c, s, b) = (4, 7, 9);
+    let x: T2 = dev.tensor_from_vec(random(&mut rng, c * s * b), (c * s, b));
+    let r: T2 = dev.tensor_from_vec(random(&mut rng, c * s * b), (c * s, b));
+    let bias = Param::new(&dev, "b", &[c], random(&mut rng, c));
+    let logs = Param::new(&dev, "s", &[c], random(&mut rng, c));
+    for (p, with_scale) in [(0.0f32, true), (0.1, true), (0.5, false)] {
+        let log_scale = with_scale.then_some((&logs, 1.0f32));
+        let mut mask_rng = ChaCha8Rng::seed_from_u64(99);
+        let fused = affine_relu_dropout(
+            x.leaky_trace(),
+            Some(&bias),
+            log_scale,
+            c,
+            Some((p, &mut mask_rng)),
+        );
+        let fused_values = fused.retaped::<NoneTape>().as_vec();
+        let fused_grads = (fused * r.clone()).sum().backward();
+
+        let mut mask_rng = ChaCha8Rng::seed_from_u64(99);
+        let chain = affine_per_channel(x.leaky_trace(), Some(&bias), log_scale, c).relu();
+        let chain = dropout(chain, p, Some(&mut mask_rng));
+        let chain_values = chain.retaped::<NoneTape>().as_vec();
+        let chain_grads = (chain * r.clone()).sum().backward();
+
+        let what = format!("p = {p}, log-scale {with_scale}");
+        assert!(
+            fused_values.iter().any(|&v| v == 0.0),
+            "{what}: the ReLU or mask zeroes some"
+        );
+        assert_eq!(fused_values, chain_values, "{what}: values");
+        assert_eq!(
+            fused_grads.get(&x).as_vec(),
+            chain_grads.get(&x).as_vec(),
+            "{what}: dx"
+        );
+        assert_eq!(
+            fused_grads.get(&bias.value).as_vec(),
+            chain_grads.get(&bias.value).as_vec(),
+            "{what}: bias gradient"
+        );
+        if with_scale {
+            assert_eq!(
+                fused_grads.get(&logs.value).as_vec(),
+                chain_grads.get(&logs.value).as_vec(),
+                "{what}: log-scale gradient"
+            );
+        }
+    }
+}
+
 #[test]
 fn metamers_carry_the_logit_sources_logits_and_the_nuisance_sources_rest() {
     use repro::nn::metamer::metameric_sample;

@@ -1,12 +1,20 @@
 //! Per-channel affine map `y = (x + b[c]) · exp(k · s[c])` on `(C·S, B)` activations, the op
-//! behind ActNorm, the zero-conv output scale and every bias add.
+//! behind ActNorm, the zero-conv output scale and every bias add; optionally followed, in the
+//! same pass, by a ReLU and an inverted-dropout mask (the coupling network's and the
+//! nuisance MLP's `ActNorm/bias → ReLU → dropout`).
 //!
 //! On CPU it is a custom op through dfdx's public tape API: one parallel pass per channel
 //! block forward, and one backward pass that produces dx, db and ds together (db[c] = Σ g,
-//! ds[c] = k·Σ dy·y over the block, g = dy·exp(k·s[c])), summed in a fixed order per channel
-//! so the bytes do not depend on the thread count. Built from dfdx's broadcast ops instead,
-//! these maps cost more than the convolutions (their reductions run serially). On CUDA the
-//! broadcast composition is used.
+//! ds[c] = k·Σ g·y over the block, g = dy·mask·[y > 0]·exp(k·s[c]) summed as dfdx would
+//! order it), summed in a fixed order per channel so the bytes do not depend on the thread
+//! count. Built from dfdx's broadcast ops instead, these maps cost more than the convolutions
+//! (their reductions run serially), and a separate ReLU and dropout cost two more passes and
+//! two more buffers each way. The fused op computes every value with the same f32 operations
+//! in the same order as the unfused chain, so it gives the same bits (tests/nn.rs checks
+//! values and gradients against dfdx's ops). On CUDA the dfdx composition is used.
+
+use dfdx::shapes::HasShape;
+use rand_chacha::ChaCha8Rng;
 
 use super::{Param, Tp, T2};
 
@@ -18,98 +26,178 @@ pub fn affine_per_channel<T: Tp>(
     log_scale: Option<(&Param, f32)>,
     channels: usize,
 ) -> T2<T> {
-    imp::affine(x, bias, log_scale, channels)
+    imp::affine(x, bias, log_scale, channels, None)
+}
+
+/// `dropout(relu(affine_per_channel(x, …)), p)`: the mask is drawn from `dropout`'s
+/// generator exactly as [`super::ops::dropout`] draws it (`None`, or p = 0: no dropout).
+pub fn affine_relu_dropout<T: Tp>(
+    x: T2<T>,
+    bias: Option<&Param>,
+    log_scale: Option<(&Param, f32)>,
+    channels: usize,
+    dropout: Option<(f32, &mut ChaCha8Rng)>,
+) -> T2<T> {
+    let n = x.shape().0 * x.shape().1;
+    let mask = match dropout {
+        Some((p, rng)) if p != 0.0 => Some(super::ops::DropoutMask::draw(n, p, rng)),
+        _ => None,
+    };
+    imp::affine(x, bias, log_scale, channels, Some(mask))
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::ops::{add_per_channel, mul_per_channel, taped};
+    use super::super::ops::{add_per_channel, mul_per_channel, taped, DropoutMask};
     use super::*;
 
+    /// `relu`: `None` = the affine map alone, `Some(mask)` = then ReLU and the mask if any.
     pub fn affine<T: Tp>(
         x: T2<T>,
         bias: Option<&Param>,
         log_scale: Option<(&Param, f32)>,
         channels: usize,
+        relu: Option<Option<DropoutMask>>,
     ) -> T2<T> {
         let x = match bias {
             Some(b) => add_per_channel(x, taped::<_, T>(&b.as_vector()), channels),
             None => x,
         };
-        match log_scale {
+        let y = match log_scale {
             Some((s, k)) => mul_per_channel(x, (taped::<_, T>(&s.as_vector()) * k).exp(), channels),
             None => x,
+        };
+        match relu {
+            None => y,
+            Some(None) => y.relu(),
+            Some(Some(mask)) => mask.apply(y.relu()),
         }
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
+    /// The fused chain for one call: per channel `shift` and `scale = exp(k·s)`, then the
+    /// ReLU and the mask if any, for channel blocks of `block` elements.
+    struct Chain {
+        shift: Vec<f32>,
+        scale: Vec<f32>,
+        k: f32,
+        relu: bool,
+        mask: Option<DropoutMask>,
+        block: usize,
+    }
+
+    impl Chain {
+        /// The affine value of input value `v` in channel `c`.
+        #[inline(always)]
+        fn pre(&self, c: usize, v: f32) -> f32 {
+            (v + self.shift[c]) * self.scale[c]
+        }
+
+        /// What follows the affine value `y` of element `i`: exactly the f32 operations of
+        /// dfdx's `relu` (max with 0) and of `x * mask` (mask ∈ {0, 1/(1−p)}).
+        #[inline(always)]
+        fn post(&self, y: f32, i: usize) -> f32 {
+            let y = if self.relu { y.max(0.0) } else { y };
+            match &self.mask {
+                Some(mask) => y * mask.factor(i),
+                None => y,
+            }
+        }
+
+        /// The gradient at the affine output from `dy` at the chain's output: through the
+        /// mask (dfdx's mul backward: dy·factor), then the ReLU (dfdx: [y > 0]·g).
+        #[inline(always)]
+        fn affine_grad(&self, dy: f32, y: f32, i: usize) -> f32 {
+            let dy = match &self.mask {
+                Some(mask) => dy * mask.factor(i),
+                None => dy,
+            };
+            if self.relu {
+                (if y > 0.0 { 1.0 } else { 0.0 }) * dy
+            } else {
+                dy
+            }
+        }
+    }
+
     use dfdx::prelude::*;
     use rayon::prelude::*;
 
+    use super::super::host_copy;
+    use super::super::ops::DropoutMask;
     use super::*;
 
+    /// `relu`: `None` = the affine map alone, `Some(mask)` = then ReLU and the mask if any.
     pub fn affine<T: Tp>(
         x: T2<T>,
         bias: Option<&Param>,
         log_scale: Option<(&Param, f32)>,
         channels: usize,
+        relu: Option<Option<DropoutMask>>,
     ) -> T2<T> {
         let (rows, b) = *x.shape();
         assert_eq!(rows % channels, 0, "rows must split into channel blocks");
-        let block = rows / channels * b;
-        let shift: Vec<f32> = bias.map_or_else(|| vec![0.0; channels], |p| p.value.as_vec());
-        let (scale, k): (Vec<f32>, f32) = match log_scale {
-            Some((p, k)) => (p.value.as_vec().iter().map(|s| (k * s).exp()).collect(), k),
-            None => (vec![1.0; channels], 0.0),
+        let (relu, mask) = match relu {
+            None => (false, None),
+            Some(mask) => (true, mask),
         };
+        if let Some(mask) = &mask {
+            assert_eq!(mask.len(), rows * b, "dropout mask size");
+        }
+        let chain = Chain {
+            shift: bias.map_or_else(|| vec![0.0; channels], |p| host_copy(&p.value)),
+            scale: log_scale.map_or_else(
+                || vec![1.0; channels],
+                |(p, k)| host_copy(&p.value).iter().map(|s| (k * s).exp()).collect(),
+            ),
+            k: log_scale.map_or(0.0, |(_, k)| k),
+            relu,
+            mask,
+            block: (rows / channels * b).max(1),
+        };
+        let block = chain.block;
         let (x, mut tape) = x.split_tape();
-        let input = x.as_vec();
+        let input = host_copy(&x);
         let mut out = vec![0.0f32; rows * b];
-        out.par_chunks_mut(block.max(1))
-            .zip(input.par_chunks(block.max(1)))
+        out.par_chunks_mut(block)
+            .zip(input.par_chunks(block))
             .enumerate()
             .for_each(|(c, (o, i))| {
-                for (o, i) in o.iter_mut().zip(i) {
-                    *o = (i + shift[c]) * scale[c];
+                for (at, (o, &v)) in o.iter_mut().zip(i).enumerate() {
+                    *o = chain.post(chain.pre(c, v), c * block + at);
                 }
             });
         let dev = x.device().clone();
         let out: T2 = dev.tensor_from_vec(out, (rows, b));
         if T::OWNS_TAPE {
             let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
-            let out_values = out.clone();
             let bias = bias.map(|p| p.value.clone());
             let log_scale = log_scale.map(|(p, _)| p.value.clone());
             tape.add_backward_op(move |grads| {
                 let upstream: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
-                let y = out_values.as_vec();
-                // Per channel: (Σ g, k·Σ dy·y), in a fixed order.
-                let sums: Vec<(f32, f32)> = upstream
-                    .par_chunks(block.max(1))
-                    .zip(y.par_chunks(block.max(1)))
+                // Per channel: (Σ g, k·Σ g·y), in a fixed order; and dx += g·exp(k·s). y is
+                // recomputed from our copy of the input with the forward's operations.
+                let grad_x = grads.get_or_alloc_mut(&x_ghost)?;
+                let sums: Vec<(f32, f32)> = grad_x
+                    .par_chunks_mut(block)
+                    .zip(upstream.par_chunks(block))
+                    .zip(input.par_chunks(block))
                     .enumerate()
-                    .map(|(c, (dy, y))| {
+                    .map(|(c, ((gx, dy), x))| {
                         let mut g_sum = 0.0f32;
-                        let mut dyy = 0.0f32;
-                        for (dy, y) in dy.iter().zip(y) {
-                            g_sum += dy;
-                            dyy += dy * y;
+                        let mut gy = 0.0f32;
+                        for (at, ((gx, &dy), &x)) in gx.iter_mut().zip(dy).zip(x).enumerate() {
+                            let y = chain.pre(c, x);
+                            let g = chain.affine_grad(dy, y, c * block + at);
+                            g_sum += g;
+                            gy += g * y;
+                            *gx += g * chain.scale[c];
                         }
-                        (g_sum * scale[c], k * dyy)
+                        (g_sum * chain.scale[c], chain.k * gy)
                     })
                     .collect();
-                let grad_x = grads.get_or_alloc_mut(&x_ghost)?;
-                grad_x
-                    .par_chunks_mut(block.max(1))
-                    .zip(upstream.par_chunks(block.max(1)))
-                    .enumerate()
-                    .for_each(|(c, (gx, dy))| {
-                        for (gx, dy) in gx.iter_mut().zip(dy) {
-                            *gx += dy * scale[c];
-                        }
-                    });
                 if let Some(bias) = &bias {
                     let grad_b = grads.get_or_alloc_mut(bias)?;
                     for (g, (db, _)) in grad_b.iter_mut().zip(&sums) {

@@ -16,8 +16,8 @@ use dfdx::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::channel::affine_per_channel;
-use super::ops::{add_per_channel, dropout, mul_per_channel, taped, Conv2d, RowMap};
+use super::channel::{affine_per_channel, affine_relu_dropout};
+use super::ops::{add_per_channel, mul_per_channel, taped, Conv2d, RowMap};
 use super::{Dev, HasParams, Param, Tp, T1, T2};
 
 /// The affine coupling's scale is `sigmoid(s + AFFINE_SCALE_OFFSET)` (Glow's `+ 2`: the
@@ -200,6 +200,16 @@ impl ActNorm {
         affine_per_channel(x, Some(&self.bias), Some((&self.logs, 1.0)), self.channels)
     }
 
+    /// `dropout(relu(forward(x)), p)` in one pass (the coupling network's layers).
+    pub fn forward_relu_dropout<T: Tp>(
+        &self,
+        x: T2<T>,
+        dropout: Option<(f32, &mut ChaCha8Rng)>,
+    ) -> T2<T> {
+        let (bias, logs) = (Some(&self.bias), Some((&self.logs, 1.0)));
+        affine_relu_dropout(x, bias, logs, self.channels, dropout)
+    }
+
     /// log|det| per example: H·W·Σ s (the same for every example).
     pub fn logdet<T: Tp>(&self, rows: usize, batch: usize) -> T1<T> {
         let spatial = (rows / self.channels) as f32;
@@ -314,10 +324,11 @@ impl CouplingNet {
 
     fn forward<T: Tp>(&self, x: T2<T>, h: usize, w: usize, rng: Option<&mut ChaCha8Rng>) -> T2<T> {
         let (y, _, _) = self.conv1.forward(x, h, w);
-        let y = self.norm1.forward(y).relu();
+        let y = self.norm1.forward_relu_dropout(y, None);
         let (y, _, _) = self.conv2.forward(y, h, w);
-        let y = self.norm2.forward(y).relu();
-        let y = dropout(y, self.dropout, rng);
+        let y = self
+            .norm2
+            .forward_relu_dropout(y, rng.map(|rng| (self.dropout, rng)));
         self.conv3.forward(y, h, w)
     }
 

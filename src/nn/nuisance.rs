@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::ops::{argmax_rows, dropout, Linear};
+use super::ops::{argmax_rows, Linear};
 use super::optim::{Optimizer, OptimizerKind};
 use super::{rng_for, Dev, HasParams, Param, Tp, T1, T2};
 
@@ -68,10 +68,11 @@ impl Mlp {
     pub fn forward<T: Tp>(&self, x: T2<T>, mut rng: Option<&mut ChaCha8Rng>) -> T2<T> {
         let mut h = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(h);
-            if i + 1 < self.layers.len() {
-                h = dropout(h.relu(), self.config.dropout, rng.as_deref_mut());
-            }
+            h = if i + 1 < self.layers.len() {
+                layer.forward_relu_dropout(h, self.config.dropout, rng.as_deref_mut())
+            } else {
+                layer.forward(h)
+            };
         }
         h
     }

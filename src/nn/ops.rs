@@ -10,7 +10,7 @@ use std::rc::Rc;
 use dfdx::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
-use super::channel::affine_per_channel;
+use super::channel::{affine_per_channel, affine_relu_dropout};
 use super::conv::{conv2d, Geometry, Plan};
 use super::gather::RowGather;
 use super::matmul::wide_matmul;
@@ -269,6 +269,19 @@ impl Linear {
         let rows = self.weight.shape[0];
         affine_per_channel(y, Some(&self.bias), None, rows)
     }
+
+    /// `dropout(relu(forward(x)), p)` with the bias, ReLU and mask in one pass
+    /// ([`affine_relu_dropout`]); `rng` `None` = evaluation mode.
+    pub fn forward_relu_dropout<T: Tp>(
+        &self,
+        x: T2<T>,
+        p: f32,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> T2<T> {
+        let y = matmul_left(&self.weight.value, x);
+        let rows = self.weight.shape[0];
+        affine_relu_dropout(y, Some(&self.bias), None, rows, rng.map(|rng| (p, rng)))
+    }
 }
 
 impl HasParams for Linear {
@@ -289,14 +302,54 @@ pub fn dropout<T: Tp>(x: T2<T>, p: f32, rng: Option<&mut ChaCha8Rng>) -> T2<T> {
     if p == 0.0 {
         return x;
     }
-    use rand::Rng;
-    let shape = *x.shape();
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep })
-        .collect();
-    let mask: T2 = x.device().tensor_from_vec(mask, shape);
-    x * mask
+    let n = x.shape().0 * x.shape().1;
+    DropoutMask::draw(n, p, rng).apply(x)
+}
+
+/// An inverted-dropout mask: element i is kept (× 1/(1−p)) unless the i-th draw
+/// `rng.gen::<f32>()` is below p. [`dropout`] and the fused
+/// [`super::channel::affine_relu_dropout`] draw it the same way, so they agree bit for bit.
+#[derive(Clone, Debug)]
+pub struct DropoutMask {
+    kept: Vec<bool>,
+    keep_factor: f32,
+}
+
+impl DropoutMask {
+    pub fn draw(n: usize, p: f32, rng: &mut ChaCha8Rng) -> DropoutMask {
+        use rand::Rng;
+        DropoutMask {
+            kept: (0..n).map(|_| rng.gen::<f32>() >= p).collect(),
+            keep_factor: 1.0 / (1.0 - p),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+
+    /// What element i is multiplied by: 1/(1−p) or 0.
+    #[inline]
+    pub fn factor(&self, i: usize) -> f32 {
+        if self.kept[i] {
+            self.keep_factor
+        } else {
+            0.0
+        }
+    }
+
+    /// `x · mask` through dfdx's multiply.
+    pub fn apply<T: Tp>(&self, x: T2<T>) -> T2<T> {
+        let shape = *x.shape();
+        assert_eq!(shape.0 * shape.1, self.len(), "dropout mask size");
+        let values = (0..self.len()).map(|i| self.factor(i)).collect();
+        let mask: T2 = x.device().tensor_from_vec(values, shape);
+        x * mask
+    }
 }
 
 /// Mean cross-entropy of `logits (K, B)` (classes in rows) against labels.
