@@ -78,7 +78,9 @@ mod imp {
 #[cfg(not(feature = "cuda"))]
 mod imp {
     /// The fused chain for one call: per channel `shift` and `scale = exp(k·s)`, then the
-    /// ReLU and the mask if any, for channel blocks of `block` elements.
+    /// ReLU and the mask if any (only after a ReLU), for channel blocks of `block` elements.
+    /// The element loops carry no reduction, so the compiler vectorises them; the per-channel
+    /// sums of the backward run in their own serial loop, in element order.
     struct Chain {
         shift: Vec<f32>,
         scale: Vec<f32>,
@@ -89,36 +91,76 @@ mod imp {
     }
 
     impl Chain {
-        /// The affine value of input value `v` in channel `c`.
-        #[inline(always)]
-        fn pre(&self, c: usize, v: f32) -> f32 {
-            (v + self.shift[c]) * self.scale[c]
+        /// The mask's kept flags for channel `c`'s block of `len` elements.
+        fn kept(&self, c: usize, len: usize) -> Option<&[bool]> {
+            let start = c * self.block;
+            self.mask.as_ref().map(|m| &m.kept()[start..start + len])
         }
 
-        /// What follows the affine value `y` of element `i`: exactly the f32 operations of
-        /// dfdx's `relu` (max with 0) and of `x * mask` (mask ∈ {0, 1/(1−p)}).
-        #[inline(always)]
-        fn post(&self, y: f32, i: usize) -> f32 {
-            let y = if self.relu { y.max(0.0) } else { y };
-            match &self.mask {
-                Some(mask) => y * mask.factor(i),
-                None => y,
+        /// `out = post(pre(x))` on channel `c`'s block: the affine value `(x + shift)·scale`,
+        /// then exactly the f32 operations of dfdx's `relu` (max with 0) and of `x * mask`
+        /// (mask ∈ {0, 1/(1−p)}).
+        fn forward_block(&self, c: usize, x: &[f32], out: &mut [f32]) {
+            let (shift, scale) = (self.shift[c], self.scale[c]);
+            match (self.kept(c, x.len()), self.relu) {
+                (Some(kept), _) => {
+                    let keep = self.mask.as_ref().map_or(1.0, |m| m.keep_factor());
+                    for ((o, &v), &k) in out.iter_mut().zip(x).zip(kept) {
+                        *o = ((v + shift) * scale).max(0.0) * if k { keep } else { 0.0 };
+                    }
+                }
+                (None, true) => {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        *o = ((v + shift) * scale).max(0.0);
+                    }
+                }
+                (None, false) => {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        *o = (v + shift) * scale;
+                    }
+                }
             }
         }
 
-        /// The gradient at the affine output from `dy` at the chain's output: through the
-        /// mask (dfdx's mul backward: dy·factor), then the ReLU (dfdx: [y > 0]·g).
-        #[inline(always)]
-        fn affine_grad(&self, dy: f32, y: f32, i: usize) -> f32 {
-            let dy = match &self.mask {
-                Some(mask) => dy * mask.factor(i),
-                None => dy,
-            };
-            if self.relu {
-                (if y > 0.0 { 1.0 } else { 0.0 }) * dy
-            } else {
-                dy
+        /// The backward on channel `c`'s block. In place: `x` becomes the affine values y
+        /// (recomputed with the forward's operations: the same bits) and `dy` the gradient g
+        /// at the affine output (through the mask, dfdx's `dy·factor`, then the ReLU, dfdx's
+        /// `[y > 0]·g`); `gx += g·scale`. Returns `(Σ g · scale, k · Σ g·y)` summed in element
+        /// order.
+        fn backward_block(
+            &self,
+            c: usize,
+            x: &mut [f32],
+            dy: &mut [f32],
+            gx: &mut [f32],
+        ) -> (f32, f32) {
+            let (shift, scale) = (self.shift[c], self.scale[c]);
+            let keep = self.mask.as_ref().map_or(1.0, |m| m.keep_factor());
+            let kept = self.kept(c, x.len());
+            for (i, ((x, dy), gx)) in x
+                .iter_mut()
+                .zip(dy.iter_mut())
+                .zip(gx.iter_mut())
+                .enumerate()
+            {
+                let y = (*x + shift) * scale;
+                let mut g = *dy;
+                if let Some(kept) = kept {
+                    g *= if kept[i] { keep } else { 0.0 };
+                }
+                if self.relu {
+                    g *= if y > 0.0 { 1.0 } else { 0.0 };
+                }
+                *x = y;
+                *dy = g;
+                *gx += g * scale;
             }
+            let (mut g_sum, mut gy) = (0.0f32, 0.0f32);
+            for (&g, &y) in dy.iter().zip(x.iter()) {
+                g_sum += g;
+                gy += g * y;
+            }
+            (g_sum * scale, self.k * gy)
         }
     }
 
@@ -159,16 +201,12 @@ mod imp {
         };
         let block = chain.block;
         let (x, mut tape) = x.split_tape();
-        let input = host_copy(&x);
+        let mut input = host_copy(&x);
         let mut out = vec![0.0f32; rows * b];
         out.par_chunks_mut(block)
             .zip(input.par_chunks(block))
             .enumerate()
-            .for_each(|(c, (o, i))| {
-                for (at, (o, &v)) in o.iter_mut().zip(i).enumerate() {
-                    *o = chain.post(chain.pre(c, v), c * block + at);
-                }
-            });
+            .for_each(|(c, (o, i))| chain.forward_block(c, i, o));
         let dev = x.device().clone();
         let out: T2 = dev.tensor_from_vec(out, (rows, b));
         if T::OWNS_TAPE {
@@ -176,27 +214,15 @@ mod imp {
             let bias = bias.map(|p| p.value.clone());
             let log_scale = log_scale.map(|(p, _)| p.value.clone());
             tape.add_backward_op(move |grads| {
-                let upstream: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
-                // Per channel: (Σ g, k·Σ g·y), in a fixed order; and dx += g·exp(k·s). y is
-                // recomputed from our copy of the input with the forward's operations.
+                let mut upstream: Vec<f32> =
+                    std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
                 let grad_x = grads.get_or_alloc_mut(&x_ghost)?;
                 let sums: Vec<(f32, f32)> = grad_x
                     .par_chunks_mut(block)
-                    .zip(upstream.par_chunks(block))
-                    .zip(input.par_chunks(block))
+                    .zip(upstream.par_chunks_mut(block))
+                    .zip(input.par_chunks_mut(block))
                     .enumerate()
-                    .map(|(c, ((gx, dy), x))| {
-                        let mut g_sum = 0.0f32;
-                        let mut gy = 0.0f32;
-                        for (at, ((gx, &dy), &x)) in gx.iter_mut().zip(dy).zip(x).enumerate() {
-                            let y = chain.pre(c, x);
-                            let g = chain.affine_grad(dy, y, c * block + at);
-                            g_sum += g;
-                            gy += g * y;
-                            *gx += g * chain.scale[c];
-                        }
-                        (g_sum * chain.scale[c], chain.k * gy)
-                    })
+                    .map(|(c, ((gx, dy), x))| chain.backward_block(c, x, dy, gx))
                     .collect();
                 if let Some(bias) = &bias {
                     let grad_b = grads.get_or_alloc_mut(bias)?;

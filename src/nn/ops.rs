@@ -332,6 +332,16 @@ impl DropoutMask {
         self.kept.is_empty()
     }
 
+    /// Which elements are kept.
+    pub fn kept(&self) -> &[bool] {
+        &self.kept
+    }
+
+    /// What a kept element is multiplied by: 1/(1−p).
+    pub fn keep_factor(&self) -> f32 {
+        self.keep_factor
+    }
+
     /// What element i is multiplied by: 1/(1−p) or 0.
     #[inline]
     pub fn factor(&self, i: usize) -> f32 {
