@@ -1176,7 +1176,7 @@ fn the_fused_affine_relu_dropout_gives_the_unfused_chains_bits() {
 
         let what = format!("p = {p}, log-scale {with_scale}");
         assert!(
-            fused_values.iter().any(|&v| v == 0.0),
+            fused_values.contains(&0.0),
             "{what}: the ReLU or mask zeroes some"
         );
         assert_eq!(fused_values, chain_values, "{what}: values");
