@@ -105,7 +105,10 @@ impl RowGather {
         let (x, mut tape) = x.split_tape();
         let b = x.shape().1;
         let dev = x.device().clone();
-        let out: T2 = dev.tensor_from_vec(self.gather_rows(&x.as_vec(), b), (self.index.len(), b));
+        let out: T2 = dev.tensor_from_vec(
+            self.gather_rows(&super::host_copy(&x), b),
+            (self.index.len(), b),
+        );
         if T::OWNS_TAPE {
             let (input, output) = (x.ghost(), out.ghost());
             let this = self.clone();

@@ -12,7 +12,7 @@
 
 use dfdx::prelude::*;
 
-use super::{Tp, T2};
+use super::{host_copy, Tp, T2};
 
 /// Columns per parallel chunk (fixed: the summation order of dW depends on it).
 pub const CHUNK: usize = 2048;
@@ -222,8 +222,8 @@ mod imp {
         let (w, w_tape) = w.split_tape();
         let (x, x_tape) = x.split_tape();
         let mut tape = w_tape.merge(x_tape);
-        let cols = x.as_vec();
-        let weights = w.as_vec();
+        let cols = host_copy(&x);
+        let weights = host_copy(&w);
         let mut y = vec![0.0f32; m * n];
         product(m, k, n, &weights, false, &cols, &mut y);
         let out: T2 = x.device().tensor_from_vec(y, (m, n));

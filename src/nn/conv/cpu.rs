@@ -40,12 +40,15 @@ pub fn conv2d<T: Tp>(
     let mut input = vec![0.0f32; g.c_in * plane];
     x.copy_into(&mut input[..g.c_in * in_pixels * b]);
     spread_planes(&mut input, in_pixels * b, plane);
-    let w = weight.value.as_vec();
+    let w = super::super::host_copy(&weight.value);
     let isa = Isa::get();
 
     let mut y = vec![0.0f32; g.c_out * out_pixels * b];
     // Without a bias the sums start from zeros.
-    let init = bias.map_or_else(|| vec![0.0; g.c_out], |bias| bias.value.as_vec());
+    let init = bias.map_or_else(
+        || vec![0.0; g.c_out],
+        |bias| super::super::host_copy(&bias.value),
+    );
     let forward = Gemm {
         lists: &plan.inner.reads,
         a: &pack(&w, &g, false),
