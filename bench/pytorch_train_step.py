@@ -1,26 +1,36 @@
 #!/usr/bin/env python3
 """PyTorch reference for the training-step throughput benchmark.
 
-Measures the wall time of ONE training step (zero_grad + forward + loss +
-backward + optimiser step) at batch 128, float32, on CPU, for the two models
-specified in bench/README.md:
+Measures the wall time of ONE step at batch 128, float32, on CPU, for the
+workloads specified in bench/README.md:
 
-  firevnet_cpu  fully invertible Glow-style RevNet (MNIST cpu profile), Adamax lr 1e-3
-  cnn_small     small ResNet-style MNIST classifier, Adam lr 1e-3
+  firevnet_cpu  training step (zero_grad + forward + loss + backward + optimiser
+                step) of the fully invertible Glow-style RevNet (MNIST cpu
+                profile), CE + NLL, Adamax lr 1e-3
+  firevnet_ice  the same flow's iCE step: forward, 5 Adamax steps of the
+                nuisance classifier (MLP 1014-512-512-10, dropout 0.1) on the
+                detached z_n, then CE + MLE (learned factorial Gaussian on z_n)
+                + the clipped adversarial term, backward, flow and prior steps
+  cnn_small     training step of the small ResNet-style MNIST classifier, Adam
+  pgd_cnn       one L-inf PGD step on cnn_small: forward + input gradient of the
+                cross-entropy, signed step, projection onto the ball and [0, 1]
 
 The Rust side (benches/train_step.rs) implements the same models.
 
 Usage:
   python bench/pytorch_train_step.py --threads N [--warmup 3] [--iters 10]
-                                     [--workloads firevnet_cpu,cnn_small]
+                                     [--workloads firevnet_cpu,firevnet_ice,cnn_small,pgd_cnn]
   python bench/pytorch_train_step.py --check   # model sanity checks, no timing
 
-Prints ONE JSON object on stdout; anything else goes to stderr.
+Prints ONE JSON object on stdout; anything else goes to stderr. Each result
+carries the process's peak RSS (ru_maxrss) and its RSS before the workload was
+built, so run one workload per process to read a workload's peak.
 """
 
 import argparse
 import json
 import math
+import resource
 import statistics
 import sys
 import time
@@ -262,28 +272,31 @@ def cnn_loss(model, x, y):
 # --------------------------------------------------------------------------
 
 def make_workload(name):
-    """Returns (model, optimiser, loss_fn, x, y) built with a fixed seed."""
+    """Returns step(), a closure running one step of the workload, built with a fixed seed."""
     torch.manual_seed(SEED)
     g = torch.Generator().manual_seed(SEED)
-    if name == "firevnet_cpu":
+    if name in ("firevnet_cpu", "firevnet_ice"):
         model = FIRevNet()
         opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
         x = torch.rand(BATCH, 1, 32, 32, generator=g) * 2.0 - 1.0
-        loss_fn = firevnet_loss
-    elif name == "cnn_small":
+        y = torch.randint(0, 10, (BATCH,), generator=g)
+        model.train()
+        if name == "firevnet_ice":
+            return ice_step_fn(model, opt, x, y)
+        return lambda: train_step(model, opt, firevnet_loss, x, y)
+    if name in ("cnn_small", "pgd_cnn"):
         model = CNNSmall()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         x = torch.rand(BATCH, 1, 28, 28, generator=g) * 2.0 - 1.0
-        loss_fn = cnn_loss
-    else:
-        raise SystemExit(f"unknown workload: {name!r} (known: firevnet_cpu, cnn_small)")
-    y = torch.randint(0, 10, (BATCH,), generator=g)
-    model.train()
-    return model, opt, loss_fn, x, y
+        y = torch.randint(0, 10, (BATCH,), generator=g)
+        if name == "pgd_cnn":
+            return pgd_step_fn(model, (x + 1.0) / 2.0, y)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        return lambda: train_step(model, opt, cnn_loss, x, y)
+    raise SystemExit(f"unknown workload: {name!r} (known: {', '.join(WORKLOADS)})")
 
 
-def param_count(model):
-    return sum(p.numel() for p in model.parameters())
+WORKLOADS = ("firevnet_cpu", "firevnet_ice", "cnn_small", "pgd_cnn")
 
 
 def train_step(model, opt, loss_fn, x, y):
@@ -294,14 +307,131 @@ def train_step(model, opt, loss_fn, x, y):
     return loss
 
 
+class Adversary(nn.Module):
+    """The nuisance classifier D(z_n): Linear -> ReLU -> Dropout, twice, then a linear readout."""
+
+    def __init__(self, inputs, width=512, classes=10, dropout=0.1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(inputs, width), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(width, classes),
+        )
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class FactorialGaussian(nn.Module):
+    """log N(z; mean, diag exp(2 logs)) per example, mean and logs learned."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(dims))
+        self.logs = nn.Parameter(torch.zeros(dims))
+
+    def forward(self, z):
+        scaled = (z - self.mean) * torch.exp(-self.logs)
+        return (-0.5 * scaled ** 2).sum(1) - self.logs.sum() - 0.5 * LOG_2PI * z.shape[1]
+
+
+def ice_step_fn(model, opt, x, y, inner_steps=5, classes=10):
+    """The cpu profile's iCE step (src/nn/ice.rs, variant `paper`, MLE `paper`)."""
+    dims = x[0].numel()
+    # z_s: the first `classes` channels at (2, 2) of the final map; z_n: every other latent entry.
+    final_offset = dims - 16 * 4 * 4
+    logit_rows = torch.tensor([final_offset + c * 16 + 2 * 4 + 2 for c in range(classes)])
+    keep = torch.ones(dims, dtype=torch.bool)
+    keep[logit_rows] = False
+    nuisance_rows = keep.nonzero().squeeze(1)
+    adversary = Adversary(dims - classes)
+    adversary_opt = torch.optim.Adamax(adversary.parameters(), lr=1e-3)
+    prior = FactorialGaussian(dims - classes)
+    prior_opt = torch.optim.Adamax(prior.parameters(), lr=1e-3)
+    log_chance = math.log(classes)
+    b = x.shape[0]
+
+    def step():
+        z, zs, _, logp, logdet = model(x)
+        latent = torch.cat([t.flatten(1) for t in zs] + [z.flatten(1)], dim=1)
+        logits = latent[:, logit_rows]
+        nuisance = latent[:, nuisance_rows]
+        # The adversary's own game on the detached z_n.
+        adversary.train()
+        detached = nuisance.detach()
+        for _ in range(inner_steps):
+            adversary_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(adversary(detached), y).backward()
+            adversary_opt.step()
+        # The encoder's loss; D's parameters take no gradient from it.
+        opt.zero_grad(set_to_none=True)
+        prior_opt.zero_grad(set_to_none=True)
+        adversary.eval()
+        for p in adversary.parameters():
+            p.requires_grad_(False)
+        ce = F.cross_entropy(logits, y)
+        nll = -(prior(nuisance) + logdet + 0.0 * logp).sum() / b / (dims * math.log(2.0))
+        log_likelihood = F.log_softmax(adversary(nuisance), dim=1).gather(1, y[:, None]).squeeze(1)
+        below = (-log_likelihood.detach() < log_chance).float()
+        adversarial = (log_likelihood * below).sum() / b
+        loss = ce + nll + adversarial
+        loss.backward()
+        for p in adversary.parameters():
+            p.requires_grad_(True)
+        opt.step()
+        prior_opt.step()
+        return loss
+
+    return step
+
+
+def pgd_step_fn(model, clean, y, epsilon=0.1, steps=40, step_factor=2.5):
+    """One L-inf PGD step (src/attack/pgd.rs) on images in [0, 1]: the iterate's class and the
+    input gradient of the cross-entropy, a signed step of size step_factor * epsilon / steps, then the
+    projection onto the ball around the clean images and onto [0, 1]."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    alpha = step_factor * epsilon / steps
+    state = {"x": clean.clone()}
+
+    def step():
+        x = state["x"].clone().requires_grad_(True)
+        logits = model(x)
+        state["prediction"] = logits.detach().argmax(1)  # which examples broke
+        loss = F.cross_entropy(logits, y)
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            moved = x + alpha * grad.sign()
+            moved = torch.min(torch.max(moved, clean - epsilon), clean + epsilon).clamp_(0.0, 1.0)
+        state["x"] = moved
+        return loss
+
+    return step
+
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def rss_mb():
+    """The process's resident set now, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def bench_workload(name, warmup, iters):
-    model, opt, loss_fn, x, y = make_workload(name)
+    base_rss = rss_mb()
+    step = make_workload(name)
     for _ in range(warmup):
-        loss = train_step(model, opt, loss_fn, x, y)
+        loss = step()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        loss = train_step(model, opt, loss_fn, x, y)
+        loss = step()
         times.append((time.perf_counter() - t0) * 1e3)
     if not torch.isfinite(loss).item():
         print(f"warning: {name}: non-finite loss {loss.item()}", file=sys.stderr)
@@ -310,7 +440,8 @@ def bench_workload(name, warmup, iters):
         "ms_median": statistics.median(times),
         "ms_min": min(times),
         "ms_max": max(times),
-        "params": param_count(model),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "base_rss_mb": base_rss,
     }
 
 
@@ -375,7 +506,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--workloads", default="firevnet_cpu,cnn_small")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--check", action="store_true", help="run model sanity checks instead of timing")
     args = ap.parse_args()
     if args.threads < 1 or args.iters < 1 or args.warmup < 0:
