@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where a training step's time goes: samples the cpu-profile fi-RevNet CE step, the iCE step
-# (flow + 5 adversary steps + prior) and the small CNN step at 1 and 2 threads with `perf
+# (flow + 5 adversary steps + prior), the small CNN step and a PGD step on it at 1 and 2 threads with `perf
 # record` (software clock: hardware counters are not available on every machine), and writes
 # the flat per-function profile (self time, functions above 0.5 %) of each to
 # artifacts/bench/profile/<workload>_<threads>t.txt. `perf` comes from Debian's linux-perf.
@@ -16,7 +16,7 @@ for line in sys.stdin:
         print(m["executable"])')
 out=artifacts/bench/profile
 mkdir -p "$out"
-for workload in firevnet_cpu firevnet_ice cnn_small; do
+for workload in firevnet_cpu firevnet_ice cnn_small pgd_cnn; do
     for threads in 1 2; do
         data="$out/${workload}_${threads}t.perf.data"
         start=$(date +%s.%N)
