@@ -124,19 +124,23 @@ impl Attackable for Attacked<'_> {
 }
 
 /// The features of images `(784, B)` and the gradient of `Σ_columns loss` with respect to the
-/// images, where `loss` maps the taped features to a scalar.
+/// images, where `loss` maps the taped features to a scalar. The weights are frozen meanwhile
+/// ([`crate::nn::with_frozen_weights`]): no weight gradient is computed.
 pub fn features_and_gradient<M: Attackable>(
     model: &M,
     images: &T2,
     feature: Feature,
     loss: impl FnOnce(T2<OwnedTape<f32, Dev>>) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>,
 ) -> (T2, Vec<f32>) {
-    // A clone keeps the tensor id, under which the gradient is found.
-    let traced = images.clone().leaky_traced();
-    let features = model.features(traced, feature);
-    let values = features.retaped::<NoneTape>();
-    let grads = loss(features).backward();
-    (values, grads.get(images).as_vec())
+    // The weights' gradients are never read here: the ops skip them.
+    crate::nn::with_frozen_weights(|| {
+        // A clone keeps the tensor id, under which the gradient is found.
+        let traced = images.clone().leaky_traced();
+        let features = model.features(traced, feature);
+        let values = features.retaped::<NoneTape>();
+        let grads = loss(features).backward();
+        (values, crate::nn::host_copy(&grads.get(images)))
+    })
 }
 
 /// Column `n` of a `(rows, B)` buffer.
@@ -209,5 +213,65 @@ mod tests {
             image_columns(&images, &batch),
             cnn_input(&dev, &images, &batch).as_vec()
         );
+    }
+
+    /// Freezing the weights changes nothing an attack reads: the input gradient has the same
+    /// bits as a backward pass with every gradient, and the conv and linear weights get none.
+    #[test]
+    fn frozen_weights_give_the_input_gradients_bits_and_no_weight_gradient() {
+        use crate::nn::ops::cross_entropy;
+        use crate::nn::HasParams;
+        let dev = crate::nn::device();
+        let configs = [
+            serde_json::json!({ "model": "cnn", "width": 4, "side": 28, "classes": 10 }),
+            serde_json::json!({
+                "model": "firevnet", "in_channels": 1, "size": 32, "levels": 3, "steps": 1,
+                "hidden": 8, "coupling": "additive", "permutation": "reverse", "dropout": 0.0,
+                "classes": 10, "permutation_seed": 0
+            }),
+        ];
+        for config in configs {
+            let config: ModelConfig = serde_json::from_value(config).unwrap();
+            let model = Model::new(&dev, &config, &mut crate::nn::rng_for(0, "test"));
+            let attacked = Attacked::new(&dev, &model);
+            let images: Vec<u8> = (0..3 * 784).map(|i| (i * 37 % 256) as u8).collect();
+            let x: T2 = dev.tensor_from_vec(image_columns(&images, &[0, 1, 2]), (784, 3));
+            let labels = [3u8, 1, 4];
+            let loss = |logits| cross_entropy(logits, &labels);
+            let (_, frozen) = features_and_gradient(&attacked, &x, Feature::Logits, loss);
+
+            let full_pass = || {
+                let traced = x.clone().leaky_traced();
+                loss(attacked.features(traced, Feature::Logits)).backward()
+            };
+            let full = full_pass();
+            assert_eq!(frozen, full.get(&x).as_vec(), "{}", attacked.family());
+            assert!(frozen.iter().any(|&g| g != 0.0), "a vacuous gradient");
+
+            let frozen_grads = crate::nn::with_frozen_weights(full_pass);
+            // `Grads::get` is dfdx's only public read and panics where there is no gradient
+            // (its message is printed; the test goes on).
+            let has = |g: &crate::nn::Grads, p: &crate::nn::Param| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.get(&p.value))).is_ok()
+            };
+            // Weights off the logits' path (the fi-RevNet's prior convs) have none either way.
+            let mut weights_on_path = 0;
+            model.visit(&mut |p| {
+                if p.name.ends_with(".weight") && p.shape.len() >= 2 && has(&full, p) {
+                    weights_on_path += 1;
+                    // CUDA composes dfdx's ops, which always compute weight gradients.
+                    if cfg!(not(feature = "cuda")) {
+                        assert!(
+                            !has(&frozen_grads, p),
+                            "{}: a gradient while frozen",
+                            p.name
+                        );
+                    }
+                }
+            });
+            assert!(weights_on_path >= 2, "{}", attacked.family());
+            // The flag is back: the next pass has weight gradients again.
+            assert!(crate::nn::weight_gradients_wanted());
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! dfdx computes the weight gradient dW = dY·Xᵀ as one product with an output of only M×K
 //! entries and a reduction over all N, which runs on one core. This custom op (CPU) splits N
 //! into fixed chunks of [`CHUNK`] columns and runs them in parallel: forward and
-//! dX = Wᵀ·dY chunk by chunk, dW as per-chunk partial products summed in chunk order. The
+//! dX = Wᵀ·dY chunk by chunk, dW as per-chunk partial products summed in chunk order (none under
+//! [`super::with_frozen_weights`]). The
 //! chunking does not depend on the thread count, so neither do the bytes. A narrow product (N
 //! within one chunk: an MLP layer on one batch) is split into fixed blocks of rows instead, so
 //! it does not run on one core either. On CUDA it falls back
@@ -12,7 +13,7 @@
 
 use dfdx::prelude::*;
 
-use super::{host_copy, Tp, T2};
+use super::{Tp, T2};
 
 /// Columns per parallel chunk (fixed: the summation order of dW depends on it).
 pub const CHUNK: usize = 2048;
@@ -35,6 +36,7 @@ mod imp {
 mod imp {
     use rayon::prelude::*;
 
+    use super::super::{host_copy, weight_gradients_wanted};
     use super::*;
 
     /// A raw pointer that may cross threads: every chunk writes a disjoint set of columns.
@@ -228,10 +230,13 @@ mod imp {
         product(m, k, n, &weights, false, &cols, &mut y);
         let out: T2 = x.device().tensor_from_vec(y, (m, n));
         if W::OWNS_TAPE {
+            let weights_wanted = weight_gradients_wanted();
             let (w_ghost, x_ghost, out_ghost) = (w.ghost(), x.ghost(), out.ghost());
             tape.add_backward_op(move |grads| {
                 let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
-                weight_gradient(m, k, n, &dy, &cols, grads.get_or_alloc_mut(&w_ghost)?);
+                if weights_wanted {
+                    weight_gradient(m, k, n, &dy, &cols, grads.get_or_alloc_mut(&w_ghost)?);
+                }
                 product(
                     k,
                     m,

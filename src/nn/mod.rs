@@ -90,6 +90,33 @@ pub fn host_copy<S: Shape>(t: &Tensor<S, f32, Dev>) -> Vec<f32> {
     values
 }
 
+thread_local! {
+    static WEIGHT_GRADIENTS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with the weights frozen: the conv and linear ops built inside it record no weight
+/// gradient (their backward computes the input's only), and the `Grads` of a backward pass
+/// run inside it hold none for those weights. For attacks, which differentiate with respect to
+/// the image alone: the conv's weight gradient was a fifth of a PGD step on the CNN. (The
+/// per-channel affine ops still sum their few parameter gradients; CUDA composes dfdx's ops,
+/// which always do.)
+pub fn with_frozen_weights<R>(f: impl FnOnce() -> R) -> R {
+    /// Puts the flag back on the way out, a panic included.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WEIGHT_GRADIENTS.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(WEIGHT_GRADIENTS.with(|flag| flag.replace(false)));
+    f()
+}
+
+/// Whether an op built now records its weight gradient (see [`with_frozen_weights`]).
+pub fn weight_gradients_wanted() -> bool {
+    WEIGHT_GRADIENTS.with(|flag| flag.get())
+}
+
 /// A named parameter. `shape` is its PyTorch shape (e.g. `(O, C, k, k)`), `value` the same
 /// numbers as a 2-D tensor `(shape[0], rest)` (a vector is `(n, 1)`).
 #[derive(Clone, Debug)]

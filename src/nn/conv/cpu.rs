@@ -23,8 +23,9 @@ pub fn kernels() -> &'static str {
 }
 
 /// The custom dfdx op. Forward: one [`Gemm`] over the output pixels. Backward: the weight
-/// and bias gradient ([`weight_gradient`]), then the input gradient, a [`Gemm`] over the
-/// input pixels that adds to whatever gradient the input already has.
+/// and bias gradient ([`weight_gradient`]; not under [`crate::nn::with_frozen_weights`]), then
+/// the input gradient, a [`Gemm`] over the input pixels that adds to whatever gradient the
+/// input already has.
 pub fn conv2d<T: Tp>(
     weight: &Param,
     bias: Option<&Param>,
@@ -64,6 +65,7 @@ pub fn conv2d<T: Tp>(
     let out: T2 = x.device().tensor_from_vec(y, (g.c_out * out_pixels, b));
 
     if T::OWNS_TAPE {
+        let weights_wanted = super::super::weight_gradients_wanted();
         let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
         let (w_ghost, b_ghost) = (weight.value.ghost(), bias.map(|b| b.value.ghost()));
         let plan = Rc::clone(plan);
@@ -71,19 +73,21 @@ pub fn conv2d<T: Tp>(
             // Our output's gradient is complete when this op runs and nothing reads it
             // after us: take its buffer instead of copying it.
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_ghost)?);
-            let sums = weight_gradient(isa, &plan, &dy, (&input, plane), b);
-            let weights = g.c_in * g.kernel * g.kernel;
-            let columns = weights + usize::from(g.bias);
-            let dw = grads.get_or_alloc_mut(&w_ghost)?;
-            for (dw_row, sum_row) in dw.chunks_mut(weights).zip(sums.chunks(columns)) {
-                for (d, s) in dw_row.iter_mut().zip(sum_row) {
-                    *d += s;
+            if weights_wanted {
+                let sums = weight_gradient(isa, &plan, &dy, (&input, plane), b);
+                let weights = g.c_in * g.kernel * g.kernel;
+                let columns = weights + usize::from(g.bias);
+                let dw = grads.get_or_alloc_mut(&w_ghost)?;
+                for (dw_row, sum_row) in dw.chunks_mut(weights).zip(sums.chunks(columns)) {
+                    for (d, s) in dw_row.iter_mut().zip(sum_row) {
+                        *d += s;
+                    }
                 }
-            }
-            if let Some(b_ghost) = &b_ghost {
-                let db = grads.get_or_alloc_mut(b_ghost)?;
-                for (d, sum_row) in db.iter_mut().zip(sums.chunks(columns)) {
-                    *d += sum_row[weights];
+                if let Some(b_ghost) = &b_ghost {
+                    let db = grads.get_or_alloc_mut(b_ghost)?;
+                    for (d, sum_row) in db.iter_mut().zip(sums.chunks(columns)) {
+                        *d += sum_row[weights];
+                    }
                 }
             }
             let input_grad = Gemm {
