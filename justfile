@@ -6,15 +6,16 @@ default:
     @just --list
 
 # Run the whole pipeline (profiles: smoke, cpu, paper), render the report and export every
-# stage's outputs to artifacts/exports/ (hard links: the report's provenance links reach them)
-reproduce profile="cpu":
-    cargo run --release --quiet --bin repro -- --profile {{profile}} reproduce
+# stage's outputs to artifacts/exports/ (hard links: the report's provenance links reach them).
+# `jobs` independent stages build at once (default: one per core); the bytes do not depend on it.
+reproduce profile="cpu" jobs=num_cpus():
+    cargo run --release --quiet --bin repro -- --profile {{profile}} reproduce --jobs {{jobs}}
     cargo run --release --quiet --bin repro -- --profile {{profile}} export-all
 
 # The iCE ablation (profile `ablation` = cpu + the sweep; the shared stages are cache hits
 # after `just reproduce`)
-ablation:
-    cargo run --release --quiet --bin repro -- --profile ablation reproduce
+ablation jobs=num_cpus():
+    cargo run --release --quiet --bin repro -- --profile ablation reproduce --jobs {{jobs}}
     cargo run --release --quiet --bin repro -- --profile ablation export-all
 
 # Run the test suite (formatting, lints, CUDA type-check, unit, integration and end-to-end tests)

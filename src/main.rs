@@ -58,6 +58,10 @@ enum Command {
         /// Re-hash reused objects and rebuild any that are corrupt.
         #[arg(long)]
         repair: bool,
+        /// Build up to N independent stages at once (they share the cores; the results are
+        /// the same bytes for any N).
+        #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
+        jobs: usize,
     },
     /// Build one stage and what it depends on.
     Run {
@@ -66,6 +70,10 @@ enum Command {
         /// Re-hash reused objects and rebuild any that are corrupt.
         #[arg(long)]
         repair: bool,
+        /// Build up to N independent stages at once (they share the cores; the results are
+        /// the same bytes for any N).
+        #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
+        jobs: usize,
     },
     /// Show each stage as fresh, stale or missing, with the reasons.
     Status {
@@ -194,6 +202,7 @@ fn engine<'a>(
         options: RunOptions {
             repair,
             progress: std::io::stderr().is_terminal(),
+            jobs: 1,
         },
     })
 }
@@ -207,14 +216,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // Everything is validated before the store is opened: a bad pipeline touches nothing.
     let pipeline = Pipeline::load(&cli.pipeline, &cli.profile, &cli.sets, &registry)?;
     match &cli.command {
-        Command::Reproduce { repair } => {
-            let engine = engine(&cli, &registry, &pipeline, *repair)?;
+        Command::Reproduce { repair, jobs } => {
+            let mut engine = engine(&cli, &registry, &pipeline, *repair)?;
+            engine.options.jobs = *jobs;
             let all: Vec<_> = pipeline.stages.iter().collect();
             finish(&engine, engine.run(&all, "reproduce")?)
         }
-        Command::Run { stage, repair } => {
+        Command::Run {
+            stage,
+            repair,
+            jobs,
+        } => {
             let targets = pipeline.with_ancestors(stage)?;
-            let engine = engine(&cli, &registry, &pipeline, *repair)?;
+            let mut engine = engine(&cli, &registry, &pipeline, *repair)?;
+            engine.options.jobs = *jobs;
             finish(&engine, engine.run(&targets, &format!("run {stage}"))?)
         }
         Command::Report => {

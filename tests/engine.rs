@@ -159,6 +159,56 @@ impl StageKind for Flaky {
     }
 }
 
+/// Waits (up to `wait_ms`) until `parties` stages of its `group` have started, then writes how many
+/// had: it can only succeed when that many build at once.
+struct Meet;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeetParams {
+    group: String,
+    parties: usize,
+    wait_ms: u64,
+    /// Tells apart the keys of a group's stages (one key builds once at a time).
+    #[allow(dead_code)]
+    party: String,
+}
+impl TypedParams for MeetParams {}
+/// Arrivals per group (tests in this binary run in parallel; each uses its own group).
+static ARRIVED: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
+static MET: std::sync::Condvar = std::sync::Condvar::new();
+impl StageKind for Meet {
+    type Params = MeetParams;
+    fn kind(&self) -> &str {
+        "meet"
+    }
+    fn code_fingerprint(&self) -> String {
+        "meet-v1".into()
+    }
+    fn run(&self, ctx: &mut StageContext, params: &MeetParams) -> Result<Finished> {
+        let count = |arrived: &Vec<(String, usize)>| {
+            arrived
+                .iter()
+                .find(|(g, _)| *g == params.group)
+                .map_or(0, |(_, n)| *n)
+        };
+        let mut arrived = ARRIVED.lock().unwrap();
+        match arrived.iter_mut().find(|(g, _)| *g == params.group) {
+            Some((_, n)) => *n += 1,
+            None => arrived.push((params.group.clone(), 1)),
+        }
+        MET.notify_all();
+        let (arrived, _) = MET
+            .wait_timeout_while(arrived, Duration::from_millis(params.wait_ms), |a| {
+                count(a) < params.parties
+            })
+            .unwrap();
+        let met = count(&arrived);
+        anyhow::ensure!(met >= params.parties, "met {met} of {}", params.parties);
+        ctx.write_output("met.txt", format!("{met}").as_bytes())?;
+        Ok(Finished::Done)
+    }
+}
+
 fn registry() -> Registry {
     Registry::new()
         .with(Source)
@@ -166,6 +216,7 @@ fn registry() -> Registry {
         .with(Page)
         .with(Slow)
         .with(Flaky)
+        .with(Meet)
 }
 
 const PIPELINE: &str = r#"
@@ -235,6 +286,10 @@ impl Repo {
     }
 
     fn run_with(&self, sets: &[&str], repair: bool) -> RunRecord {
+        self.run_jobs(sets, repair, 1)
+    }
+
+    fn run_jobs(&self, sets: &[&str], repair: bool, jobs: usize) -> RunRecord {
         let registry = registry();
         let pipeline = self.pipeline(sets);
         let engine = Engine {
@@ -246,6 +301,7 @@ impl Repo {
             options: RunOptions {
                 repair,
                 progress: false,
+                jobs,
             },
         };
         let all: Vec<_> = pipeline.stages.iter().collect();
@@ -486,6 +542,85 @@ fn a_panicking_stage_fails_with_its_message_its_dependants_are_skipped_and_the_r
     assert!(store.last_manifest("flaky").unwrap().is_none());
     assert!(maintain::verify(&store).unwrap().is_empty());
     assert!(no_staging_left(&repo));
+}
+
+#[test]
+fn jobs_2_builds_two_independent_stages_at_once() {
+    let repo = Repo::new(
+        r#"
+[[stage]]
+name = "left"
+kind = "meet"
+params = { group = "jobs_2_builds_two", parties = 2, wait_ms = 30000, party = "left" }
+[[stage]]
+name = "right"
+kind = "meet"
+params = { group = "jobs_2_builds_two", parties = 2, wait_ms = 30000, party = "right" }
+[[stage]]
+name = "both"
+kind = "upper"
+inputs = ["left", "right"]
+"#,
+    );
+    let record = repo.run_jobs(&[], false, 2);
+    assert_eq!(outcome(&record, "left"), Outcome::Ran, "{record:?}");
+    assert_eq!(outcome(&record, "right"), Outcome::Ran, "{record:?}");
+    assert_eq!(outcome(&record, "both"), Outcome::Ran, "{record:?}");
+    // `both` waited for its inputs: it ended last.
+    assert_eq!(record.stages[2].name, "both");
+    assert_eq!(repo.output("both", "upper.txt"), b"22");
+}
+
+#[test]
+fn jobs_1_builds_one_stage_at_a_time() {
+    // Two such stages cannot meet under --jobs 1: each waits out its timeout alone.
+    let repo = Repo::new(
+        r#"
+[[stage]]
+name = "left"
+kind = "meet"
+params = { group = "jobs_1_builds_one", parties = 2, wait_ms = 500, party = "left" }
+[[stage]]
+name = "right"
+kind = "meet"
+params = { group = "jobs_1_builds_one", parties = 2, wait_ms = 500, party = "right" }
+"#,
+    );
+    let record = repo.run_jobs(&[], false, 1);
+    assert_eq!(outcome(&record, "left"), Outcome::Failed, "{record:?}");
+    assert!(record.stages[0]
+        .message
+        .as_deref()
+        .unwrap()
+        .contains("met 1 of 2"));
+}
+
+#[test]
+fn jobs_2_gives_the_keys_bytes_and_failures_of_jobs_1() {
+    let pipeline = format!("{PIPELINE}{FLAKY_PIPELINE}");
+    let sets = ["flaky.mode=fail"];
+    let (one, two) = (Repo::new(&pipeline), Repo::new(&pipeline));
+    let by_name = |record: &RunRecord| {
+        let mut rows: Vec<_> = record
+            .stages
+            .iter()
+            .map(|s| (s.name.clone(), s.key.clone(), s.outcome))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    };
+    let (first, second) = (one.run_jobs(&sets, false, 1), two.run_jobs(&sets, false, 2));
+    assert_eq!(by_name(&first), by_name(&second));
+    assert_eq!(outcome(&second, "after"), Outcome::Skipped);
+    assert_eq!(outcome(&second, "independent"), Outcome::Ran);
+    for (stage, output) in [("page", "page.txt"), ("after_slow", "upper.txt")] {
+        assert_eq!(one.output(stage, output), two.output(stage, output));
+    }
+    // The run record on disk is the one returned, every stage in it once.
+    let on_disk = run_records(&two.root);
+    assert_eq!(on_disk.len(), 1);
+    assert_eq!(by_name(&on_disk[0]), by_name(&second));
+    assert!(no_staging_left(&two));
 }
 
 #[test]

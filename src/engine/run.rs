@@ -85,20 +85,22 @@ pub fn run_record_paths(runs_dir: &Path) -> Vec<PathBuf> {
 /// [`record_interrupted_runs`] to write it once more with the time spent.
 struct Journal {
     state: Mutex<JournalState>,
+    /// The run's progress bars (stderr), when they are on.
+    bars: Option<indicatif::MultiProgress>,
 }
 
 struct JournalState {
     record: RunRecord,
     path: PathBuf,
     tmp_dir: PathBuf,
-    /// The stage building now and when it started.
-    in_flight: Option<(StageRecord, Instant)>,
+    /// The stages building now (several under `--jobs`) and when each started.
+    in_flight: Vec<(StageRecord, Instant)>,
 }
 
 impl JournalState {
     fn write(&self) -> Result<()> {
         let mut record = self.record.clone();
-        if let Some((stage, start)) = &self.in_flight {
+        for (stage, start) in &self.in_flight {
             record.stages.push(StageRecord {
                 seconds: start.elapsed().as_secs_f64(),
                 ..stage.clone()
@@ -118,7 +120,7 @@ static JOURNAL_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 /// The runs of this process in progress (for the signal handler).
 static ACTIVE_RUNS: Mutex<Vec<Arc<Journal>>> = Mutex::new(Vec::new());
 
-/// Writes the record of every run in progress in this process, with the stage building now as
+/// Writes the record of every run in progress in this process, with the stages building now as
 /// `interrupted`. Called from the CLI's Ctrl-C / SIGTERM handler just before it exits; returns
 /// the records' paths.
 pub fn record_interrupted_runs() -> Vec<PathBuf> {
@@ -175,9 +177,14 @@ pub struct RunOptions {
     pub repair: bool,
     /// Draw progress bars (the CLI turns them on only when stderr is a terminal).
     pub progress: bool,
+    /// How many independent stages build at once (`--jobs`; 0 counts as 1). They share the
+    /// process's rayon pool, so a stage alone still gets every core for its parallel loops;
+    /// the kernels' work splits do not depend on threads, so the bytes do not depend on this.
+    pub jobs: usize,
 }
 
 /// What is known about a stage while resolving a pipeline.
+#[derive(Clone)]
 enum Resolved {
     Built(Box<Manifest>),
     /// Could not be built (skipped, failed, or not built yet, for `status`), with the reason.
@@ -223,7 +230,10 @@ impl<'a> Engine<'a> {
                 path: self.create_run_record(&record)?,
                 record,
                 tmp_dir: self.store.root().join("tmp"),
-                in_flight: None,
+                in_flight: Vec::new(),
+            }),
+            bars: self.options.progress.then(|| {
+                indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
             }),
         });
         ACTIVE_RUNS
@@ -238,53 +248,128 @@ impl<'a> Engine<'a> {
         result
     }
 
+    /// Builds `targets` in dependency order, up to `jobs` at once. Each stage builds on a
+    /// thread of its own; this thread starts the stages whose inputs are resolved (in
+    /// pipeline order) and records each as it ends, so the run record lists stages in the order
+    /// they ended (pipeline order under `--jobs 1`).
     fn run_journaled(&self, targets: &[&Stage], journal: &Arc<Journal>) -> Result<RunRecord> {
+        let jobs = self.options.jobs.max(1);
+        let index: HashMap<&str, usize> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        // Inputs outside `targets` are never resolved: `key_fields` says so and skips.
+        let waits_on: Vec<Vec<usize>> = targets
+            .iter()
+            .map(|s| {
+                s.inputs
+                    .iter()
+                    .filter_map(|i| index.get(i.stage.as_str()).copied())
+                    .collect()
+            })
+            .collect();
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
-        for stage in targets {
-            let start = Instant::now();
-            let (outcome, key, message, state) =
-                catch_unwind(AssertUnwindSafe(|| self.run_one(stage, &resolved, journal)))
-                    .unwrap_or_else(|payload| {
-                        let m = format!("panicked: {}", panic_message(payload.as_ref()));
-                        (
-                            Outcome::Failed,
-                            None,
-                            Some(m.clone()),
-                            Resolved::Unavailable(m),
-                        )
-                    });
-            let seconds = start.elapsed().as_secs_f64();
-            match (&outcome, &message) {
-                (Outcome::Failed, Some(m)) => tracing::error!("{}: failed: {m}", stage.name),
-                (Outcome::Skipped, Some(m)) => tracing::warn!("{}: skipped: {m}", stage.name),
-                _ => tracing::info!(
-                    "{}: {} ({:.2} s, key {})",
-                    stage.name,
-                    if outcome == Outcome::Hit {
-                        "hit"
-                    } else {
-                        "ran"
-                    },
-                    seconds,
-                    key.as_deref().map_or("?", |k| &k[..12])
-                ),
+        let mut started = vec![false; targets.len()];
+        let mut done = vec![false; targets.len()];
+        std::thread::scope(|scope| -> Result<()> {
+            let (finished_tx, finished_rx) = std::sync::mpsc::channel();
+            let mut running = 0;
+            loop {
+                for (i, stage) in targets.iter().enumerate() {
+                    if running == jobs {
+                        break;
+                    }
+                    if started[i] || !waits_on[i].iter().all(|&d| done[d]) {
+                        continue;
+                    }
+                    started[i] = true;
+                    running += 1;
+                    // What the stage may read: its ancestors' states, as of now (all final).
+                    let known: HashMap<String, Resolved> = self
+                        .pipeline
+                        .with_ancestors(&stage.name)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| Some((a.name.clone(), resolved.get(&a.name)?.clone())))
+                        .collect();
+                    let finished_tx = finished_tx.clone();
+                    std::thread::Builder::new()
+                        .name(stage.name.clone())
+                        // As much stack as the main thread has (the default for spawned
+                        // threads is 2 MiB).
+                        .stack_size(8 << 20)
+                        .spawn_scoped(scope, move || {
+                            let start = Instant::now();
+                            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                                self.run_one(stage, &known, journal)
+                            }))
+                            .unwrap_or_else(|payload| {
+                                let m = format!("panicked: {}", panic_message(payload.as_ref()));
+                                (
+                                    Outcome::Failed,
+                                    None,
+                                    Some(m.clone()),
+                                    Resolved::Unavailable(m),
+                                )
+                            });
+                            // The receiver lives until every stage has reported.
+                            let _ = finished_tx.send((i, outcome, start.elapsed().as_secs_f64()));
+                        })
+                        .with_context(|| format!("starting a thread for stage {}", stage.name))?;
+                }
+                if running == 0 {
+                    return Ok(());
+                }
+                let (i, (outcome, key, message, state), seconds) =
+                    finished_rx.recv().expect("a running stage always reports");
+                running -= 1;
+                done[i] = true;
+                let stage = targets[i];
+                self.record_finished(stage, journal, outcome, key, message, seconds);
+                resolved.insert(stage.name.clone(), state);
             }
-            let mut state_now = journal.state.lock().unwrap_or_else(|e| e.into_inner());
-            state_now.in_flight = None;
-            state_now.record.stages.push(StageRecord {
-                name: stage.name.clone(),
-                kind: stage.kind.clone(),
-                key,
-                outcome,
-                seconds,
-                message,
-            });
-            drop(state_now);
-            resolved.insert(stage.name.clone(), state);
-        }
+        })?;
         let state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
         state.write()?;
         Ok(state.record.clone())
+    }
+
+    /// Logs how a stage ended and moves it from the journal's in-flight list to its record.
+    fn record_finished(
+        &self,
+        stage: &Stage,
+        journal: &Journal,
+        outcome: Outcome,
+        key: Option<String>,
+        message: Option<String>,
+        seconds: f64,
+    ) {
+        match (&outcome, &message) {
+            (Outcome::Failed, Some(m)) => tracing::error!("{}: failed: {m}", stage.name),
+            (Outcome::Skipped, Some(m)) => tracing::warn!("{}: skipped: {m}", stage.name),
+            _ => tracing::info!(
+                "{}: {} ({:.2} s, key {})",
+                stage.name,
+                if outcome == Outcome::Hit {
+                    "hit"
+                } else {
+                    "ran"
+                },
+                seconds,
+                key.as_deref().map_or("?", |k| &k[..12])
+            ),
+        }
+        let mut state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_flight.retain(|(s, _)| s.name != stage.name);
+        state.record.stages.push(StageRecord {
+            name: stage.name.clone(),
+            kind: stage.kind.clone(),
+            key,
+            outcome,
+            seconds,
+            message,
+        });
     }
 
     fn run_one(
@@ -432,12 +517,12 @@ impl<'a> Engine<'a> {
             outputs: Vec::new(),
             log: String::new(),
             metrics: serde_json::Map::new(),
-            progress: self.options.progress,
+            progress: journal.bars.clone(),
         };
         {
             // From here on a dead process leaves a record saying this stage was interrupted.
             let mut state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.in_flight = Some((
+            state.in_flight.push((
                 StageRecord {
                     name: stage.name.clone(),
                     kind: stage.kind.clone(),
@@ -511,7 +596,9 @@ impl<'a> Engine<'a> {
             metrics: ctx.metrics,
             started_utc,
             seconds,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // The pool its parallel loops ran on (shared with the stages beside it under
+            // `--jobs`).
+            threads: rayon::current_num_threads(),
         };
         self.store.write_manifest(&manifest)?;
         Ok(manifest)

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use super::key::ExecFacts;
 use super::params::{parse_params, ParamError, Params, StageParams};
@@ -146,7 +146,9 @@ pub struct StageContext<'a> {
     pub(crate) outputs: Vec<String>,
     pub(crate) log: String,
     pub(crate) metrics: serde_json::Map<String, serde_json::Value>,
-    pub(crate) progress: bool,
+    /// Where bars draw: one set per run, shared by the stages building at once; `None` hides
+    /// them.
+    pub(crate) progress: Option<MultiProgress>,
 }
 
 impl StageContext<'_> {
@@ -308,10 +310,10 @@ impl StageContext<'_> {
 
     /// A progress bar on stderr; hidden when stderr is not a terminal or bars are off.
     pub fn progress(&self, len: u64, what: &str) -> ProgressBar {
-        if !self.progress {
+        let Some(bars) = &self.progress else {
             return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+        };
+        let bar = bars.add(ProgressBar::new(len));
         bar.set_style(
             ProgressStyle::with_template("{prefix} {msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
