@@ -124,7 +124,28 @@ fn time_table(ctx: &StageContext) -> Value {
             })
         })
         .collect();
-    json!({ "rows": rows, "total_seconds": format!("{total:.0}"), "total_minutes": format!("{:.1}", total / 60.0) })
+    // Under `--jobs N` stages overlap, so the sum overstates the wall time a reader waited; the
+    // span from the first start to the last end says it (and spans several runs where the
+    // stages were built in several).
+    let span = manifests
+        .iter()
+        .filter_map(|m| {
+            let start = humantime::parse_rfc3339_weak(&m.started_utc).ok()?;
+            let start = start
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs_f64();
+            Some((start, start + m.seconds))
+        })
+        .fold(None, |acc: Option<(f64, f64)>, (start, end)| match acc {
+            None => Some((start, end)),
+            Some((first, last)) => Some((first.min(start), last.max(end))),
+        })
+        .map(|(first, last)| format!("{:.1}", (last - first) / 60.0));
+    json!({
+        "rows": rows, "total_seconds": format!("{total:.0}"), "total_minutes": format!("{:.1}", total / 60.0),
+        "span_minutes": span,
+    })
 }
 
 /// Every number in a JSON output as `stage.field.subfield` (arrays are skipped: per-example
