@@ -24,5 +24,6 @@ pub mod nn;
 pub mod oracle;
 pub mod outputs;
 pub mod report;
+pub mod slurm;
 pub mod stages;
 pub mod training;

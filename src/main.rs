@@ -51,6 +51,14 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Executor {
+    /// In this process (`--jobs` at once).
+    Local,
+    /// One Slurm job per stage.
+    Slurm,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Build every stage of the pipeline (reusing what is cached) and the report.
@@ -62,6 +70,13 @@ enum Command {
         /// the same bytes for any N).
         #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
         jobs: usize,
+        /// Where stages build: in this process, or as Slurm jobs (one `sbatch` job per stage
+        /// that is not a hit, chained with afterok; the store must be shared).
+        #[arg(long, value_enum, default_value_t = Executor::Local)]
+        executor: Executor,
+        /// How often the Slurm executor asks about its jobs, in seconds.
+        #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+        poll: f64,
     },
     /// Build one stage and what it depends on.
     Run {
@@ -74,6 +89,25 @@ enum Command {
         /// the same bytes for any N).
         #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
         jobs: usize,
+        /// Where stages build: in this process, or as Slurm jobs (one `sbatch` job per stage
+        /// that is not a hit, chained with afterok; the store must be shared).
+        #[arg(long, value_enum, default_value_t = Executor::Local)]
+        executor: Executor,
+        /// How often the Slurm executor asks about its jobs, in seconds.
+        #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+        poll: f64,
+    },
+    /// Build exactly one stage whose upstream stages are in the store (what a Slurm job runs);
+    /// exit 1 unless the stage ends built.
+    #[command(hide = true)]
+    RunStage {
+        stage: String,
+        /// The key the submitter computed; building under another is refused.
+        #[arg(long)]
+        key: Option<String>,
+        /// Where this run's record goes.
+        #[arg(long)]
+        runs_dir: PathBuf,
     },
     /// Show each stage as fresh, stale or missing, with the reasons.
     Status {
@@ -148,6 +182,9 @@ fn main() -> ExitCode {
     // the store's tmp/ is never a result (and `gc` removes it); its checkpoints let the next
     // run resume.
     let _ = ctrlc::set_handler(|| {
+        for id in repro::slurm::cancel_submitted() {
+            eprintln!("interrupted; cancelled Slurm job {id}");
+        }
         for path in repro::engine::record_interrupted_runs() {
             eprintln!("interrupted; run record: {}", path.display());
         }
@@ -203,6 +240,7 @@ fn engine<'a>(
             repair,
             progress: std::io::stderr().is_terminal(),
             jobs: 1,
+            ..RunOptions::default()
         },
     })
 }
@@ -216,21 +254,70 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // Everything is validated before the store is opened: a bad pipeline touches nothing.
     let pipeline = Pipeline::load(&cli.pipeline, &cli.profile, &cli.sets, &registry)?;
     match &cli.command {
-        Command::Reproduce { repair, jobs } => {
+        Command::Reproduce {
+            repair,
+            jobs,
+            executor,
+            poll,
+        } => {
             let mut engine = engine(&cli, &registry, &pipeline, *repair)?;
             engine.options.jobs = *jobs;
             let all: Vec<_> = pipeline.stages.iter().collect();
-            finish(&engine, engine.run(&all, "reproduce")?)
+            let record = match executor {
+                Executor::Local => engine.run(&all, "reproduce")?,
+                Executor::Slurm => slurm(&cli, &engine, &all, "reproduce", *repair, *poll)?,
+            };
+            finish(&engine, record)
         }
         Command::Run {
             stage,
             repair,
             jobs,
+            executor,
+            poll,
         } => {
             let targets = pipeline.with_ancestors(stage)?;
             let mut engine = engine(&cli, &registry, &pipeline, *repair)?;
             engine.options.jobs = *jobs;
-            finish(&engine, engine.run(&targets, &format!("run {stage}"))?)
+            let command = format!("run {stage}");
+            let record = match executor {
+                Executor::Local => engine.run(&targets, &command)?,
+                Executor::Slurm => slurm(&cli, &engine, &targets, &command, *repair, *poll)?,
+            };
+            finish(&engine, record)
+        }
+        Command::RunStage {
+            stage,
+            key,
+            runs_dir,
+        } => {
+            let targets = pipeline.with_ancestors(stage)?;
+            let mut engine = engine(&cli, &registry, &pipeline, false)?;
+            engine.options.only_build = Some(stage.clone());
+            engine.options.runs_dir = Some(runs_dir.clone());
+            if let Some(expected) = key {
+                let here = engine
+                    .status()?
+                    .into_iter()
+                    .find(|s| &s.name == stage)
+                    .and_then(|s| s.key);
+                if here.as_deref() != Some(expected.as_str()) {
+                    anyhow::bail!(
+                        "stage {stage}: the submitter computed key {expected}, this machine {}: \
+                         its code, device ({}) or store differs",
+                        here.as_deref()
+                            .unwrap_or("none (an upstream stage is not in the store)"),
+                        device()
+                    );
+                }
+            }
+            let record = engine.run(&targets, &format!("run-stage {stage}"))?;
+            let built = record
+                .stages
+                .iter()
+                .any(|s| &s.name == stage && matches!(s.outcome, Outcome::Ran | Outcome::Hit));
+            let code = finish(&engine, record)?;
+            Ok(if built { code } else { ExitCode::FAILURE })
         }
         Command::Report => {
             let targets = pipeline.with_ancestors("report")?;
@@ -292,6 +379,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::ExportAll { dir } => export_all(&cli, &registry, &pipeline, dir.as_deref()),
         Command::Diff { .. } => unreachable!("handled before the pipeline is loaded"),
     }
+}
+
+/// Builds `targets` as Slurm jobs running this binary with the same pipeline, profile,
+/// overrides and store (see `repro::slurm`).
+fn slurm(
+    cli: &Cli,
+    engine: &Engine,
+    targets: &[&pipeline::Stage],
+    command: &str,
+    repair: bool,
+    poll: f64,
+) -> Result<RunRecord> {
+    if repair {
+        anyhow::bail!("--repair is not supported with --executor slurm; run `repro verify` and `repro reproduce --repair` locally against the shared store");
+    }
+    let absolute = |p: &Path| -> Result<PathBuf> {
+        Ok(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(p)
+        })
+    };
+    let mut global_args = vec![
+        "--profile".to_string(),
+        cli.profile.clone(),
+        "--store".into(),
+        absolute(&cli.store)?.display().to_string(),
+        "--pipeline".into(),
+        absolute(&cli.pipeline)?.display().to_string(),
+    ];
+    for set in &cli.sets {
+        global_args.extend(["--set".to_string(), set.clone()]);
+    }
+    let job = repro::slurm::JobCommand {
+        binary: std::env::current_exe()?,
+        global_args,
+        workdir: std::env::current_dir()?,
+        poll: std::time::Duration::from_secs_f64(poll.max(0.05)),
+    };
+    repro::slurm::run(engine, targets, command, &job)
 }
 
 /// Prints the run's outcome table; exit 1 if any stage failed.

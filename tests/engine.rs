@@ -302,6 +302,7 @@ impl Repo {
                 repair,
                 progress: false,
                 jobs,
+                ..RunOptions::default()
             },
         };
         let all: Vec<_> = pipeline.stages.iter().collect();
@@ -1063,4 +1064,112 @@ fn two_concurrent_runs_on_one_store_both_succeed_and_each_stage_runs_once() {
             .count();
         assert_eq!((ran, hit), (1, 1), "stage {stage}");
     }
+}
+
+/// What a cluster job runs (`repro run-stage upper`): it builds its one stage on upstream
+/// stages already in the store, and never builds an upstream itself.
+#[test]
+fn only_build_builds_one_stage_and_never_its_upstreams() {
+    let repo = Repo::new(PIPELINE);
+    let registry = registry();
+    let pipeline = repo.pipeline(&[]);
+    let engine = |only: &str| Engine {
+        registry: &registry,
+        store: Store::open(&repo.store_dir()).unwrap(),
+        pipeline: &pipeline,
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        options: RunOptions {
+            only_build: Some(only.to_string()),
+            runs_dir: Some(repo.root.join("job-runs")),
+            ..RunOptions::default()
+        },
+    };
+    let targets = pipeline.with_ancestors("upper").unwrap();
+    // `source` is not built: the job skips it and so cannot build `upper`.
+    let record = engine("upper").run(&targets, "run-stage upper").unwrap();
+    assert_eq!(outcome(&record, "source"), Outcome::Skipped);
+    assert!(record.stages[0]
+        .message
+        .as_deref()
+        .unwrap()
+        .contains("builds only upper"));
+    assert_eq!(outcome(&record, "upper"), Outcome::Skipped);
+    // Once `source`'s own job has built it, `upper`'s job builds on it.
+    let source_targets = pipeline.with_ancestors("source").unwrap();
+    let record = engine("source")
+        .run(&source_targets, "run-stage source")
+        .unwrap();
+    assert_eq!(outcome(&record, "source"), Outcome::Ran);
+    let record = engine("upper").run(&targets, "run-stage upper").unwrap();
+    assert_eq!(
+        outcomes(&record),
+        [
+            ("source".into(), Outcome::Hit),
+            ("upper".into(), Outcome::Ran)
+        ]
+    );
+    // The job's records went where it was told, not into the user's runs/.
+    assert_eq!(
+        repro::engine::run_record_paths(&repo.root.join("job-runs")).len(),
+        3
+    );
+    assert!(repro::engine::run_record_paths(&repo.root.join("artifacts/runs")).is_empty());
+}
+
+/// `[stage.resources]` in the pipeline, overridden field by field by a profile's
+/// `[resources.<stage>]`; neither is part of the key.
+#[test]
+fn profile_resources_override_the_pipelines_field_by_field_and_change_no_key() {
+    let with_resources = PIPELINE.replace(
+        "params = { steps = 3, step_ms = 1 }",
+        "params = { steps = 3, step_ms = 1 }\nresources = { cpus = 2, mem = \"4G\" }",
+    );
+    let repo = Repo::new(&with_resources);
+    let keys_before = repo.status(&[]);
+    let slow = |p: &Pipeline| {
+        p.stages
+            .iter()
+            .find(|s| s.name == "slow")
+            .unwrap()
+            .resources
+            .clone()
+    };
+    assert_eq!(slow(&repo.pipeline(&[])).cpus, Some(2));
+    std::fs::write(
+        repo.root.join("pipeline/profiles/test.toml"),
+        "[resources.slow]\ngpus = 1\nmem = \"16G\"\n",
+    )
+    .unwrap();
+    let resources = slow(&repo.pipeline(&[]));
+    assert_eq!(
+        (
+            resources.cpus,
+            resources.mem.as_deref(),
+            resources.gpus,
+            resources.time
+        ),
+        (Some(2), Some("16G"), Some(1), None)
+    );
+    let keys_after = repo.status(&[]);
+    let keys = |rows: &[repro::engine::StageStatus]| {
+        rows.iter().map(|r| r.key.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&keys_before), keys(&keys_after));
+
+    std::fs::write(
+        repo.root.join("pipeline/profiles/test.toml"),
+        "[resources.nope]\ncpus = 1\n",
+    )
+    .unwrap();
+    let err = repo.load(&[]).unwrap_err();
+    assert!(err.location.contains("test.toml:1:"), "{err}");
+    assert!(err.message.contains("unknown stage \"nope\""), "{err}");
+    std::fs::write(
+        repo.root.join("pipeline/profiles/test.toml"),
+        "[resources.slow]\ncores = 1\n",
+    )
+    .unwrap();
+    let err = repo.load(&[]).unwrap_err();
+    assert!(err.message.contains("cores"), "{err}");
 }

@@ -28,10 +28,10 @@ pub use params::{
     at_least, deserialize_params, non_negative, positive, probability, split_prefixed, Limit,
     NoParams, Param, ParamError, Params, StageParams, TypedParams,
 };
-pub use pipeline::{ConfigError, Pipeline, Stage};
+pub use pipeline::{ConfigError, Pipeline, Resources, Stage};
 pub use run::{
     record_interrupted_runs, run_record_paths, CurrentStage, Engine, Outcome, RunOptions,
-    RunRecord, StageStatus, State,
+    RunRecord, StageRecord, StageStatus, State,
 };
 pub use stage::{AnyStageKind, Finished, Registry, StageContext, StageKind};
 pub use store::{CorruptObject, Manifest, Store};

@@ -21,7 +21,14 @@
 //! name = "ablation"
 //! kind = "ablation"
 //! profiles = ["ablation"]                 # exists only in these profiles (default: all)
+//! [stage.resources]                       # what a cluster job asks for (`--executor slurm`)
+//! cpus = 2
+//! mem = "4G"
+//! time = "01:00:00"
 //! ```
+//!
+//! A profile overrides resources per stage under `[resources.<stage>]`, field by field.
+//! Resources are not part of any key: they change where a stage runs, never its bytes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -75,6 +82,34 @@ pub struct Stage {
     pub origins: BTreeMap<String, String>,
     /// Where the stage is declared (`file:line:column`).
     pub declared_at: String,
+    /// What a cluster job for this stage asks for (pipeline, then profile).
+    pub resources: Resources,
+}
+
+/// What one stage's cluster job asks the scheduler for; `None` leaves the cluster's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores (`sbatch --cpus-per-task`).
+    pub cpus: Option<u32>,
+    /// Memory, in Slurm's notation: "4G", "500M" (`sbatch --mem`).
+    pub mem: Option<String>,
+    /// GPUs (`sbatch --gpus`).
+    pub gpus: Option<u32>,
+    /// Wall-time limit, in Slurm's notation: "30", "02:00:00", "1-00:00:00" (`sbatch --time`).
+    pub time: Option<String>,
+}
+
+impl Resources {
+    /// `self` with every field `other` sets replaced.
+    fn overridden_by(&self, other: &Resources) -> Resources {
+        Resources {
+            cpus: other.cpus.or(self.cpus),
+            mem: other.mem.clone().or_else(|| self.mem.clone()),
+            gpus: other.gpus.or(self.gpus),
+            time: other.time.clone().or_else(|| self.time.clone()),
+        }
+    }
 }
 
 /// A validated pipeline: stages in a topological order (declaration order where free).
@@ -127,6 +162,8 @@ struct StageDecl {
     profiles: Vec<Spanned<String>>,
     #[serde(default)]
     params: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    #[serde(default)]
+    resources: Resources,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +173,9 @@ struct ProfileFile {
     profile: ProfileMeta,
     #[serde(default)]
     params: BTreeMap<Spanned<String>, BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
+    /// `[resources.<stage>]`: per-stage overrides of the pipeline's `[stage.resources]`.
+    #[serde(default)]
+    resources: BTreeMap<Spanned<String>, Resources>,
 }
 
 #[derive(Deserialize, Default)]
@@ -277,6 +317,7 @@ impl Pipeline {
                 seed,
                 origins,
                 declared_at: src.at(s.name.span().start),
+                resources: s.resources.clone(),
             });
         }
         let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
@@ -360,6 +401,20 @@ impl Pipeline {
                     .origins
                     .insert(param.get_ref().clone(), psrc.at(param.span().start));
             }
+        }
+
+        for (stage_name, resources) in &pdecl.resources {
+            let Some(stage) = stages.iter_mut().find(|s| &s.name == stage_name.get_ref()) else {
+                return Err(psrc.err(
+                    stage_name.span().start,
+                    format!(
+                        "[resources]: unknown stage {:?}; valid stages: {}",
+                        stage_name.get_ref(),
+                        one_of(names.iter().map(String::as_str))
+                    ),
+                ));
+            };
+            stage.resources = stage.resources.overridden_by(resources);
         }
 
         // `--set STAGE.PARAM=VALUE`, last word.

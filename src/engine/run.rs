@@ -39,6 +39,9 @@ pub struct StageRecord {
     pub seconds: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The cluster job that built it (`--executor slurm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
 }
 
 /// `artifacts/runs/<UTC timestamp>.json`.
@@ -181,6 +184,12 @@ pub struct RunOptions {
     /// process's rayon pool, so a stage alone still gets every core for its parallel loops;
     /// the kernels' work splits do not depend on threads, so the bytes do not depend on this.
     pub jobs: usize,
+    /// Where run records go (default: `runs/` beside the store). A cluster job's own record
+    /// goes beside its log, so that `runs/` holds the records of the runs a user started.
+    pub runs_dir: Option<PathBuf>,
+    /// Build only this stage: any other stage must be a hit, else it is skipped (a cluster
+    /// job builds its one stage on what its dependencies' jobs published).
+    pub only_build: Option<String>,
 }
 
 /// What is known about a stage while resolving a pipeline.
@@ -369,6 +378,7 @@ impl<'a> Engine<'a> {
             outcome,
             seconds,
             message,
+            job_id: None,
         });
     }
 
@@ -474,6 +484,16 @@ impl<'a> Engine<'a> {
         if let Some(m) = self.usable_manifest(key)? {
             return Ok((Outcome::Hit, Some(m)));
         }
+        if let Some(only) = self
+            .options
+            .only_build
+            .as_ref()
+            .filter(|o| **o != stage.name)
+        {
+            return Err(BuildError::Skipped(format!(
+                "not in the store under key {key}, and this process builds only {only}"
+            )));
+        }
         let (_lock, waited) = self.store.lock(key)?;
         if waited {
             tracing::info!(
@@ -530,6 +550,7 @@ impl<'a> Engine<'a> {
                     outcome: Outcome::Interrupted,
                     seconds: 0.0,
                     message: Some("the process stopped while this stage was building".into()),
+                    job_id: None,
                 },
                 Instant::now(),
             ));
@@ -774,8 +795,13 @@ impl<'a> Engine<'a> {
     /// Creates this run's record, `runs/<UTC timestamp>.json` (with the pid if another run
     /// started in the same microsecond), holding `record`; returns its path. The file appears
     /// whole and is never shared: it is hard-linked into place, which fails if the name is taken.
-    fn create_run_record(&self, record: &RunRecord) -> Result<PathBuf> {
-        let dir = self.artifacts_dir().join("runs");
+    /// Writes `record` as a new run record (never replacing one) and returns its path.
+    pub fn create_run_record(&self, record: &RunRecord) -> Result<PathBuf> {
+        let dir = self
+            .options
+            .runs_dir
+            .clone()
+            .unwrap_or_else(|| self.artifacts_dir().join("runs"));
         fs::create_dir_all(&dir)?;
         let stamp = record.started_utc.replace([':', '-'], "");
         let staged = self.store.unique_tmp_path("run");
