@@ -33,6 +33,7 @@ profile:
 # Benchmarks with their peers measured in the same run (results in artifacts/bench/)
 bench:
     cargo bench --bench noop_reproduce
+    cargo bench --bench parallel_reproduce
     cargo bench --bench train_step
 
 # Show each stage as fresh, stale or missing, and why

@@ -1173,3 +1173,42 @@ fn profile_resources_override_the_pipelines_field_by_field_and_change_no_key() {
     let err = repo.load(&[]).unwrap_err();
     assert!(err.message.contains("cores"), "{err}");
 }
+
+/// A stage that declares two cores fills both of `--jobs 2`'s slots: nothing builds beside it.
+#[test]
+fn jobs_2_builds_a_stage_declaring_2_cpus_alone() {
+    let repo = Repo::new(
+        r#"
+[[stage]]
+name = "wide"
+kind = "meet"
+params = { group = "jobs_2_wide_alone", parties = 2, wait_ms = 500, party = "wide" }
+resources = { cpus = 2 }
+[[stage]]
+name = "narrow"
+kind = "meet"
+params = { group = "jobs_2_wide_alone", parties = 2, wait_ms = 500, party = "narrow" }
+"#,
+    );
+    let record = repo.run_jobs(&[], false, 2);
+    assert_eq!(outcome(&record, "wide"), Outcome::Failed, "{record:?}");
+    assert!(record.stages[0]
+        .message
+        .as_deref()
+        .unwrap()
+        .contains("met 1 of 2"));
+    // Asking for more cores than there are slots takes all of them, and still builds.
+    let repo = Repo::new(
+        r#"
+[[stage]]
+name = "source"
+kind = "source"
+params = { text = "hi", comment = "" }
+resources = { cpus = 64 }
+"#,
+    );
+    assert_eq!(
+        outcome(&repo.run_jobs(&[], false, 2), "source"),
+        Outcome::Ran
+    );
+}

@@ -180,7 +180,8 @@ pub struct RunOptions {
     pub repair: bool,
     /// Draw progress bars (the CLI turns them on only when stderr is a terminal).
     pub progress: bool,
-    /// How many independent stages build at once (`--jobs`; 0 counts as 1). They share the
+    /// How many job slots (`--jobs`; 0 counts as 1): independent stages build at once while
+    /// the cores they declare (`[stage.resources] cpus`, default 1) fit in them. They share the
     /// process's rayon pool, so a stage alone still gets every core for its parallel loops;
     /// the kernels' work splits do not depend on threads, so the bytes do not depend on this.
     pub jobs: usize,
@@ -281,19 +282,32 @@ impl<'a> Engine<'a> {
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
         let mut started = vec![false; targets.len()];
         let mut done = vec![false; targets.len()];
+        // A stage takes as many of the `jobs` slots as the cores it declares
+        // (`[stage.resources] cpus`, default 1; at most all of them), like Snakemake's
+        // `threads` under `--cores`.
+        let slots: Vec<usize> = targets
+            .iter()
+            .map(|s| (s.resources.cpus.unwrap_or(1) as usize).clamp(1, jobs))
+            .collect();
         std::thread::scope(|scope| -> Result<()> {
             let (finished_tx, finished_rx) = std::sync::mpsc::channel();
-            let mut running = 0;
+            let (mut running, mut slots_used) = (0, 0);
             loop {
                 for (i, stage) in targets.iter().enumerate() {
-                    if running == jobs {
+                    if slots_used == jobs {
                         break;
                     }
-                    if started[i] || !waits_on[i].iter().all(|&d| done[d]) {
+                    // A stage too wide for the free slots waits; a narrower one after it in
+                    // pipeline order may go first.
+                    if started[i]
+                        || slots_used + slots[i] > jobs
+                        || !waits_on[i].iter().all(|&d| done[d])
+                    {
                         continue;
                     }
                     started[i] = true;
                     running += 1;
+                    slots_used += slots[i];
                     // What the stage may read: its ancestors' states, as of now (all final).
                     let known: HashMap<String, Resolved> = self
                         .pipeline
@@ -333,6 +347,7 @@ impl<'a> Engine<'a> {
                 let (i, (outcome, key, message, state), seconds) =
                     finished_rx.recv().expect("a running stage always reports");
                 running -= 1;
+                slots_used -= slots[i];
                 done[i] = true;
                 let stage = targets[i];
                 self.record_finished(stage, journal, outcome, key, message, seconds);
