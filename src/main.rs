@@ -66,8 +66,9 @@ enum Command {
         /// Re-hash reused objects and rebuild any that are corrupt.
         #[arg(long)]
         repair: bool,
-        /// Build up to N independent stages at once (they share the cores; the results are
-        /// the same bytes for any N).
+        /// N job slots: independent stages build at once while the cores they declare
+        /// ([stage.resources] cpus, default 1) fit (they share the cores; the results are the
+        /// same bytes for any N).
         #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
         jobs: usize,
         /// Where stages build: in this process, or as Slurm jobs (one `sbatch` job per stage
@@ -85,8 +86,9 @@ enum Command {
         /// Re-hash reused objects and rebuild any that are corrupt.
         #[arg(long)]
         repair: bool,
-        /// Build up to N independent stages at once (they share the cores; the results are
-        /// the same bytes for any N).
+        /// N job slots: independent stages build at once while the cores they declare
+        /// ([stage.resources] cpus, default 1) fit (they share the cores; the results are the
+        /// same bytes for any N).
         #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
         jobs: usize,
         /// Where stages build: in this process, or as Slurm jobs (one `sbatch` job per stage

@@ -41,6 +41,11 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Starts the cluster, or says why it cannot (the test is then skipped).
     fn start() -> Result<Cluster, String> {
+        Cluster::start_with("")
+    }
+
+    /// Starts the cluster with `more_nodes` (`slurm.conf` lines) declared beside this host.
+    fn start_with(more_nodes: &str) -> Result<Cluster, String> {
         for program in [
             "munged",
             "slurmctld",
@@ -128,7 +133,7 @@ impl Cluster {
              SelectTypeParameters=CR_Core\nReturnToService=2\nMpiDefault=none\n\
              JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
              NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN\n\
-             PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
+             {more_nodes}PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
             sock = socket.display(),
             ctld = free_port(),
             slurmd = free_port(),
@@ -155,7 +160,7 @@ impl Cluster {
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
                 .unwrap_or_default();
-            if state == "idle" {
+            if state.lines().any(|l| l == "idle") {
                 return Ok(cluster);
             }
             if start.elapsed() > Duration::from_secs(60) {
@@ -325,4 +330,33 @@ fn a_failed_job_prints_its_log_tail_and_skips_its_dependants() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&queued.stdout).trim(), "");
+}
+
+/// Jobs on another node could not see a store on this machine's local disk: the executor
+/// refuses before it submits anything, naming the store and the other node.
+#[test]
+fn a_local_store_on_a_cluster_with_other_nodes_is_refused() {
+    let cluster = match Cluster::start_with(
+        "NodeName=elsewhere NodeAddr=127.0.0.2 NodeHostName=elsewhere CPUs=1 State=DOWN\n",
+    ) {
+        Ok(cluster) => cluster,
+        Err(why) => {
+            eprintln!("skipped: no Slurm test cluster: {why}");
+            return;
+        }
+    };
+    let sandbox = Sandbox::new();
+    let out = cluster.repro(
+        &sandbox,
+        &["reproduce", "--executor", "slurm", "--poll", "0.2"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is on a local file system"), "{stderr}");
+    assert!(stderr.contains("elsewhere"), "{stderr}");
+    assert!(stderr.contains("shared file system"), "{stderr}");
+    assert!(
+        !sandbox.path("artifacts/slurm").exists(),
+        "nothing was submitted"
+    );
 }
