@@ -6,18 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
-}
+// The scratch copy of `pipeline/` and `paper/` the end-to-end tests use.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn median_seconds(runs: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
     let mut times: Vec<f64> = (0..runs)
@@ -33,13 +24,11 @@ fn median_seconds(runs: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
 
 fn main() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sandbox = tempfile::tempdir().unwrap();
-    copy_dir(&repo.join("pipeline"), &sandbox.path().join("pipeline"));
-    copy_dir(&repo.join("paper"), &sandbox.path().join("paper"));
+    let sandbox = common::Sandbox::new();
     let repro = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_repro"))
             .args(args)
-            .current_dir(sandbox.path())
+            .current_dir(sandbox.dir.path())
             .env_remove("REPRO_STORE")
             .output()
             .unwrap();

@@ -8,28 +8,17 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
-}
+// The scratch copy of `pipeline/` and `paper/` the end-to-end tests use.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 /// Seconds for one `reproduce --jobs N` of `smoke` from an empty store.
-fn reproduce_from_empty(repo: &Path, jobs: &str) -> f64 {
-    let sandbox = tempfile::tempdir().unwrap();
-    copy_dir(&repo.join("pipeline"), &sandbox.path().join("pipeline"));
-    copy_dir(&repo.join("paper"), &sandbox.path().join("paper"));
+fn reproduce_from_empty(jobs: &str) -> f64 {
+    let sandbox = common::Sandbox::new();
     let start = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_repro"))
         .args(["--profile", "smoke", "reproduce", "--jobs", jobs])
-        .current_dir(sandbox.path())
+        .current_dir(sandbox.dir.path())
         .env_remove("REPRO_STORE")
         .output()
         .unwrap();
@@ -49,12 +38,12 @@ fn summary(mut times: Vec<f64>) -> (f64, f64, f64) {
 
 fn main() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    reproduce_from_empty(repo, "1"); // fills the download cache; not timed
+    reproduce_from_empty("1"); // fills the download cache; not timed
     let runs = 5;
     let (mut one, mut two) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        one.push(reproduce_from_empty(repo, "1"));
-        two.push(reproduce_from_empty(repo, "2"));
+        one.push(reproduce_from_empty("1"));
+        two.push(reproduce_from_empty("2"));
     }
     let (one, two) = (summary(one), summary(two));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -59,45 +59,39 @@ enum Executor {
     Slurm,
 }
 
+/// How `reproduce` and `run` build.
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// Re-hash reused objects and rebuild any that are corrupt.
+    #[arg(long)]
+    repair: bool,
+    /// N job slots: independent stages build at once while the cores they declare
+    /// ([stage.resources] cpus, default 1) fit (they share the cores; the results are the
+    /// same bytes for any N).
+    #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
+    jobs: usize,
+    /// Where stages build: in this process, or as Slurm jobs (one `sbatch` job per stage
+    /// that is not a hit, chained with afterok; the store must be shared).
+    #[arg(long, value_enum, default_value_t = Executor::Local)]
+    executor: Executor,
+    /// How often the Slurm executor asks about its jobs, in seconds.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    poll: f64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Build every stage of the pipeline (reusing what is cached) and the report.
     Reproduce {
-        /// Re-hash reused objects and rebuild any that are corrupt.
-        #[arg(long)]
-        repair: bool,
-        /// N job slots: independent stages build at once while the cores they declare
-        /// ([stage.resources] cpus, default 1) fit (they share the cores; the results are the
-        /// same bytes for any N).
-        #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
-        jobs: usize,
-        /// Where stages build: in this process, or as Slurm jobs (one `sbatch` job per stage
-        /// that is not a hit, chained with afterok; the store must be shared).
-        #[arg(long, value_enum, default_value_t = Executor::Local)]
-        executor: Executor,
-        /// How often the Slurm executor asks about its jobs, in seconds.
-        #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
-        poll: f64,
+        #[command(flatten)]
+        build: BuildArgs,
     },
     /// Build one stage and what it depends on.
     Run {
         /// Stage name from pipeline.toml.
         stage: String,
-        /// Re-hash reused objects and rebuild any that are corrupt.
-        #[arg(long)]
-        repair: bool,
-        /// N job slots: independent stages build at once while the cores they declare
-        /// ([stage.resources] cpus, default 1) fit (they share the cores; the results are the
-        /// same bytes for any N).
-        #[arg(short = 'j', long, default_value_t = 1, value_name = "N")]
-        jobs: usize,
-        /// Where stages build: in this process, or as Slurm jobs (one `sbatch` job per stage
-        /// that is not a hit, chained with afterok; the store must be shared).
-        #[arg(long, value_enum, default_value_t = Executor::Local)]
-        executor: Executor,
-        /// How often the Slurm executor asks about its jobs, in seconds.
-        #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
-        poll: f64,
+        #[command(flatten)]
+        build: BuildArgs,
     },
     /// Build exactly one stage whose upstream stages are in the store (what a Slurm job runs);
     /// exit 1 unless the stage ends built.
@@ -256,37 +250,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // Everything is validated before the store is opened: a bad pipeline touches nothing.
     let pipeline = Pipeline::load(&cli.pipeline, &cli.profile, &cli.sets, &registry)?;
     match &cli.command {
-        Command::Reproduce {
-            repair,
-            jobs,
-            executor,
-            poll,
-        } => {
-            let mut engine = engine(&cli, &registry, &pipeline, *repair)?;
-            engine.options.jobs = *jobs;
+        Command::Reproduce { build } => {
             let all: Vec<_> = pipeline.stages.iter().collect();
-            let record = match executor {
-                Executor::Local => engine.run(&all, "reproduce")?,
-                Executor::Slurm => slurm(&cli, &engine, &all, "reproduce", *repair, *poll)?,
-            };
-            finish(&engine, record)
+            build_targets(&cli, &registry, &pipeline, &all, "reproduce", build)
         }
-        Command::Run {
-            stage,
-            repair,
-            jobs,
-            executor,
-            poll,
-        } => {
+        Command::Run { stage, build } => {
             let targets = pipeline.with_ancestors(stage)?;
-            let mut engine = engine(&cli, &registry, &pipeline, *repair)?;
-            engine.options.jobs = *jobs;
             let command = format!("run {stage}");
-            let record = match executor {
-                Executor::Local => engine.run(&targets, &command)?,
-                Executor::Slurm => slurm(&cli, &engine, &targets, &command, *repair, *poll)?,
-            };
-            finish(&engine, record)
+            build_targets(&cli, &registry, &pipeline, &targets, &command, build)
         }
         Command::RunStage {
             stage,
@@ -381,6 +352,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::ExportAll { dir } => export_all(&cli, &registry, &pipeline, dir.as_deref()),
         Command::Diff { .. } => unreachable!("handled before the pipeline is loaded"),
     }
+}
+
+/// `reproduce` and `run`: builds `targets` with the chosen executor and prints the outcomes.
+fn build_targets(
+    cli: &Cli,
+    registry: &repro::engine::Registry,
+    pipeline: &Pipeline,
+    targets: &[&pipeline::Stage],
+    command: &str,
+    build: &BuildArgs,
+) -> Result<ExitCode> {
+    let mut engine = engine(cli, registry, pipeline, build.repair)?;
+    engine.options.jobs = build.jobs;
+    let record = match build.executor {
+        Executor::Local => engine.run(targets, command)?,
+        Executor::Slurm => slurm(cli, &engine, targets, command, build.repair, build.poll)?,
+    };
+    finish(&engine, record)
 }
 
 /// Builds `targets` as Slurm jobs running this binary with the same pipeline, profile,

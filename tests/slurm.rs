@@ -179,21 +179,7 @@ impl Cluster {
 
     /// `repro` in `sandbox` with this cluster's `SLURM_CONF`.
     fn repro(&self, sandbox: &Sandbox, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_repro"))
-            .args(["--profile", "smoke"])
-            .args(args)
-            .current_dir(sandbox.dir.path())
-            .env_remove("REPRO_STORE")
-            .env("SLURM_CONF", self.conf())
-            .output()
-            .unwrap();
-        eprintln!(
-            "$ repro {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        sandbox.repro_with_env(args, &[("SLURM_CONF", &self.conf())])
     }
 }
 

@@ -38,6 +38,11 @@ impl Sandbox {
 
     /// Runs `repro` with the `smoke` profile unless the arguments name one.
     pub fn repro(&self, args: &[&str]) -> Output {
+        self.repro_with_env(args, &[])
+    }
+
+    /// [`Sandbox::repro`] with `env` added to the process's environment.
+    pub fn repro_with_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
         let mut full: Vec<&str> = Vec::new();
         if !args.contains(&"--profile") {
             full.extend(["--profile", "smoke"]);
@@ -47,6 +52,7 @@ impl Sandbox {
             .args(&full)
             .current_dir(self.dir.path())
             .env_remove("REPRO_STORE")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         eprintln!(
