@@ -75,7 +75,25 @@ impl<T: Tape<f32, Dev> + Merge<NoneTape> + Merge<T>> Tp for T {}
 /// own `Vec`s (the custom gather, inputs) enter the cache when dropped but are never reused
 /// from it, so long loops must call `empty_cache()` after every step (the trainer does).
 pub fn device() -> Dev {
+    #[cfg(not(feature = "cuda"))]
     let dev = Dev::default();
+    // dfdx's `Cuda::try_build` panics inside cudarc when there is no device: ask first, and
+    // say what is missing.
+    #[cfg(feature = "cuda")]
+    let dev = {
+        let devices = cudarc::driver::result::init()
+            .and_then(|()| cudarc::driver::result::device::get_count());
+        match devices {
+            Ok(n) if n > 0 => {}
+            Ok(_) => {
+                panic!("this binary is built with --features cuda and there is no CUDA device")
+            }
+            Err(e) => panic!(
+                "this binary is built with --features cuda and the CUDA driver has no device: {e:?}"
+            ),
+        }
+        Dev::try_build(0, 0).unwrap_or_else(|e| panic!("CUDA device 0: {e:?}"))
+    };
     dev.enable_cache();
     dev
 }
