@@ -39,19 +39,14 @@ bench:
 # The CUDA build (no GPU needed to build): nvcc compiles dfdx's kernels for sm_CAP and the
 # repro binary links cuBLAS, cuRAND, NVRTC and the driver library; into target/cuda/ so that the
 # CPU binary in target/release/ stays as it is
-build-cuda cap="80":
-    #!/usr/bin/env bash
-    set -euo pipefail
-    command -v nvcc >/dev/null || { echo "build-cuda: nvcc not found: install a CUDA toolkit (Debian: nvidia-cuda-toolkit, in non-free; see README)" >&2; exit 1; }
-    # dfdx's build script asks nvidia-smi for the GPU's compute capability even when
-    # CUDA_COMPUTE_CAP is set; where nvidia-smi is missing or cannot reach a GPU driver,
-    # .ci/cuda/nvidia-smi answers with CUDA_COMPUTE_CAP instead.
-    if ! nvidia-smi --query-gpu=compute_cap --format=csv 2>/dev/null | head -n1 | grep -qx compute_cap; then
-        export PATH="$PWD/.ci/cuda:$PATH"
-    fi
-    export CUDA_ROOT="${CUDA_ROOT:-/usr}" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-{{cap}}}"
-    CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda --bin repro
-    echo "target/cuda/release/repro: CUDA kernels for sm_$CUDA_COMPUTE_CAP"
+build-cuda cap=env_var_or_default("CUDA_COMPUTE_CAP", "80"):
+    CUDA_COMPUTE_CAP={{cap}} .ci/cuda/cargo build --release --features cuda --bin repro
+    @echo "target/cuda/release/repro: CUDA kernels for sm_{{cap}}"
+
+# The device tests (conv, flow layers, inverses, log-dets, iCE, metamers) on the GPU; each says
+# "skipped: no CUDA device" where there is none (REPRO_REQUIRE_CUDA=1 makes that a failure)
+test-cuda cap=env_var_or_default("CUDA_COMPUTE_CAP", "80"):
+    CUDA_COMPUTE_CAP={{cap}} .ci/cuda/cargo test --release --features cuda --test nn --test ice
 
 # Show each stage as fresh, stale or missing, and why
 status profile="cpu":

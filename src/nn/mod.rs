@@ -74,7 +74,14 @@ impl<T: Tape<f32, Dev> + Merge<NoneTape> + Merge<T>> Tp for T {}
 /// A fresh device with dfdx's allocation cache on (≈30 % faster steps). Tensors made from our
 /// own `Vec`s (the custom gather, inputs) enter the cache when dropped but are never reused
 /// from it, so long loops must call `empty_cache()` after every step (the trainer does).
+/// Panics, saying what is missing, where [`try_device`] finds no device.
 pub fn device() -> Dev {
+    try_device().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`device`], or why there is none: always a device on CPU; on CUDA, an error where the
+/// driver is missing or sees no GPU (the device tests skip on it, the stages fail on it).
+pub fn try_device() -> Result<Dev, String> {
     #[cfg(not(feature = "cuda"))]
     let dev = Dev::default();
     // dfdx's `Cuda::try_build` panics inside cudarc when there is no device: ask first, and
@@ -86,16 +93,21 @@ pub fn device() -> Dev {
         match devices {
             Ok(n) if n > 0 => {}
             Ok(_) => {
-                panic!("this binary is built with --features cuda and there is no CUDA device")
+                return Err(
+                    "this binary is built with --features cuda and there is no CUDA device".into(),
+                )
             }
-            Err(e) => panic!(
-                "this binary is built with --features cuda and the CUDA driver has no device: {e:?}"
-            ),
+            Err(e) => {
+                return Err(format!(
+                    "this binary is built with --features cuda and the CUDA driver has no \
+                     device: {e:?}"
+                ))
+            }
         }
-        Dev::try_build(0, 0).unwrap_or_else(|e| panic!("CUDA device 0: {e:?}"))
+        Dev::try_build(0, 0).map_err(|e| format!("CUDA device 0: {e:?}"))?
     };
     dev.enable_cache();
-    dev
+    Ok(dev)
 }
 
 /// A tensor's values in row-major order, in one `memcpy` for a contiguous tensor (dfdx's

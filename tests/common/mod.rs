@@ -102,3 +102,4 @@ impl Sandbox {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+pub mod device;
