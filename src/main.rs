@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: repro::allocator::Allocator = mimalloc::MiMalloc;
 
 use repro::engine::diff::{self, ResultsSource, Side, SideSpec};
+use repro::engine::remote::{is_remote, Remote};
 use repro::engine::store::atomic_write;
 use repro::engine::{
     maintain, pipeline, run_record_paths, ConfigError, Engine, Outcome, Pipeline, RunOptions,
@@ -33,14 +34,24 @@ struct Cli {
     /// Parameter profile from pipeline/profiles/ (smoke, cpu, paper, ...).
     #[arg(long, global = true, default_value = "cpu")]
     profile: String,
-    /// The content-addressed store; runs/ and report/ go next to it.
+    /// The content-addressed store: a directory (runs/ and report/ go next to it), or a shared
+    /// S3-compatible store `s3://bucket/prefix` (endpoint, region and credentials from the
+    /// standard AWS environment variables) with --cache in front of it.
     #[arg(
         long,
         global = true,
         env = "REPRO_STORE",
         default_value = "artifacts/store"
     )]
-    store: PathBuf,
+    store: String,
+    /// With an s3:// store: the local read-through cache (runs/ and report/ go next to it).
+    #[arg(
+        long,
+        global = true,
+        env = "REPRO_CACHE",
+        default_value = "artifacts/store"
+    )]
+    cache: PathBuf,
     /// Override a parameter: STAGE.PARAM=VALUE (repeatable; VALUE is a TOML literal or text).
     #[arg(long = "set", global = true, value_name = "STAGE.PARAM=VALUE")]
     sets: Vec<String>,
@@ -123,6 +134,10 @@ enum Command {
         /// Also keep everything the last N run records used.
         #[arg(long, default_value_t = 5)]
         keep_runs: usize,
+        /// With an s3:// store: delete an unreachable object there only once it is this many
+        /// hours old (a build on another machine uploads its objects before its manifest).
+        #[arg(long, default_value_t = 24.0)]
+        grace_hours: f64,
     },
     /// Build the report stage (and what it needs) and print where it landed.
     Report,
@@ -228,7 +243,7 @@ fn engine<'a>(
 ) -> Result<Engine<'a>> {
     Ok(Engine {
         registry,
-        store: Store::open(&cli.store)?,
+        store: open_store(cli)?,
         pipeline,
         device: device(),
         dtype: "f32".to_string(),
@@ -325,28 +340,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {
-            let store = Store::open(&cli.store)?;
+            let store = open_store(&cli)?;
             let problems = maintain::verify(&store)?;
             for p in &problems {
                 eprintln!("error: {}", p.message);
             }
             if problems.is_empty() {
-                println!(
-                    "{} objects verified in {}",
-                    store.objects()?.len(),
-                    cli.store.display()
-                );
+                let here = store.objects()?.len();
+                match store.remote() {
+                    Some(remote) => println!(
+                        "{} objects verified in {} and {here} in its cache {}",
+                        remote.objects()?.len(),
+                        remote.url(),
+                        store.root().display()
+                    ),
+                    None => println!("{here} objects verified in {}", store.root().display()),
+                }
                 Ok(ExitCode::SUCCESS)
             } else {
                 eprintln!(
                     "{} problem(s) in {}; `repro reproduce --repair` rebuilds them",
                     problems.len(),
-                    cli.store.display()
+                    store.location()
                 );
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Gc { keep_runs } => gc(&cli, &registry, *keep_runs),
+        Command::Gc {
+            keep_runs,
+            grace_hours,
+        } => gc(&cli, &registry, *keep_runs, *grace_hours),
         Command::Show { stage } => show(&cli, &registry, &pipeline, stage),
         Command::Export { stage, dir } => export(&cli, &registry, &pipeline, stage, dir),
         Command::ExportAll { dir } => export_all(&cli, &registry, &pipeline, dir.as_deref()),
@@ -396,7 +419,13 @@ fn slurm(
         "--profile".to_string(),
         cli.profile.clone(),
         "--store".into(),
-        absolute(&cli.store)?.display().to_string(),
+        if is_remote(&cli.store) {
+            cli.store.clone()
+        } else {
+            absolute(Path::new(&cli.store))?.display().to_string()
+        },
+        "--cache".into(),
+        absolute(&cli.cache)?.display().to_string(),
         "--pipeline".into(),
         absolute(&cli.pipeline)?.display().to_string(),
     ];
@@ -474,6 +503,15 @@ fn show(
         pipeline.profile, manifest.started_utc, manifest.seconds
     );
     println!("key {}", manifest.key);
+    // With a shared store the paths printed must exist: bring the objects into the cache.
+    for (name, output) in &manifest.outputs {
+        engine
+            .store
+            .fetch(&output.hash, &format!("output `{name}` of stage `{stage}`"))?;
+    }
+    engine
+        .store
+        .fetch(&manifest.log, &format!("log of stage `{stage}`"))?;
     for file in engine.output_files(&manifest) {
         println!(
             "  {:<24} {:>12} bytes  {}",
@@ -523,7 +561,12 @@ fn export_all(
 ) -> Result<ExitCode> {
     let engine = engine(cli, registry, pipeline, false)?;
     let dir = dir.map_or_else(
-        || cli.store.parent().unwrap_or(Path::new(".")).join("exports"),
+        || {
+            local_store(cli)
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("exports")
+        },
         Path::to_path_buf,
     );
     let repro::engine::export::ExportedAll { exported, skipped } = engine.export_all(&dir)?;
@@ -543,9 +586,31 @@ fn export_all(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where run records go: `runs/` beside the store.
+/// Where run records go: `runs/` beside the store (beside the cache, with a shared store).
 fn runs_dir(cli: &Cli) -> PathBuf {
-    cli.store.parent().unwrap_or(Path::new(".")).join("runs")
+    local_store(cli)
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("runs")
+}
+
+/// The store's directory: the store itself, or the cache in front of a shared store.
+fn local_store(cli: &Cli) -> PathBuf {
+    if is_remote(&cli.store) {
+        cli.cache.clone()
+    } else {
+        PathBuf::from(&cli.store)
+    }
+}
+
+/// Opens the store `--store` names (creating its directory if needed).
+fn open_store(cli: &Cli) -> Result<Store> {
+    let local = Store::open(&local_store(cli))?;
+    Ok(if is_remote(&cli.store) {
+        local.with_remote(Remote::open(&cli.store)?)
+    } else {
+        local
+    })
 }
 
 /// `diff A B [--html[=PATH]]`.
@@ -557,16 +622,16 @@ fn diff(
     html: Option<&Option<PathBuf>>,
 ) -> Result<ExitCode> {
     // Reading only: a mistyped --store must not create an empty store.
-    if !cli.store.is_dir() {
+    if !is_remote(&cli.store) && !Path::new(&cli.store).is_dir() {
         anyhow::bail!(
             "no store at {} (--store or REPRO_STORE names it)",
-            cli.store.display()
+            cli.store
         );
     }
     let runs = runs_dir(cli);
     // Both arguments are checked before either side is loaded.
     let specs = [SideSpec::parse(a, &runs)?, SideSpec::parse(b, &runs)?];
-    let store = Store::open(&cli.store)?;
+    let store = open_store(cli)?;
     let mut sides = Vec::new();
     for spec in &specs {
         sides.push(match spec {
@@ -597,7 +662,7 @@ fn diff(
     print!("{}", comparison.text());
     if let Some(path) = html {
         let path = path.clone().unwrap_or_else(|| {
-            cli.store
+            local_store(cli)
                 .parent()
                 .unwrap_or(Path::new("."))
                 .join("report")
@@ -620,8 +685,16 @@ fn diff(
     Ok(ExitCode::SUCCESS)
 }
 
-fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result<ExitCode> {
-    let store = Store::open(&cli.store)?;
+fn gc(
+    cli: &Cli,
+    registry: &repro::engine::Registry,
+    keep_runs: usize,
+    grace_hours: f64,
+) -> Result<ExitCode> {
+    if !(grace_hours >= 0.0 && grace_hours.is_finite()) {
+        anyhow::bail!("--grace-hours must be a number of hours >= 0, not {grace_hours}");
+    }
+    let store = open_store(cli)?;
     // Alone with the store: no build is between publishing an object and its manifest.
     let _alone = store.lock_exclusive()?;
     let mut keep = BTreeSet::new();
@@ -635,7 +708,8 @@ fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result
         let record = RunRecord::read(path)?;
         keep.extend(record.stages.into_iter().filter_map(|s| s.key));
     }
-    let report = maintain::gc(&store, &keep)?;
+    let grace = std::time::Duration::from_secs_f64(grace_hours * 3600.0);
+    let report = maintain::gc_with_grace(&store, &keep, grace)?;
     println!(
         "kept {} manifests; removed {} manifests, {} objects ({:.1} MB), {} scratch directories",
         keep.len(),
@@ -644,5 +718,16 @@ fn gc(cli: &Cli, registry: &repro::engine::Registry, keep_runs: usize) -> Result
         report.bytes_freed as f64 / 1e6,
         report.tmp_removed
     );
+    if let (Some(remote), Some(r)) = (store.remote(), &report.remote) {
+        println!(
+            "{}: removed {} manifests, {} objects ({:.1} MB); kept {} unreachable objects \
+             younger than {grace_hours} h",
+            remote.url(),
+            r.manifests_removed,
+            r.objects_removed,
+            r.bytes_freed as f64 / 1e6,
+            r.young_kept
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

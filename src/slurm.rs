@@ -73,7 +73,10 @@ pub fn run(
     command: &str,
     job: &JobCommand,
 ) -> Result<RunRecord> {
-    check_shared_store(engine.store.root())?;
+    // A shared S3 store is shared by construction; a directory must be on a shared file system.
+    if engine.store.remote().is_none() {
+        check_shared_store(engine.store.root())?;
+    }
     let started_utc = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let dir = engine
         .artifacts_dir()

@@ -499,7 +499,7 @@ fn results_document(
             short(&manifest.key)
         )));
     };
-    if !store.has_object(&object.hash) {
+    if !store.object_available(&object.hash)? {
         return Ok(Err(format!(
             "object {} ({output} of stage {stage}) is not in the store; `gc` removed it",
             object.hash

@@ -112,6 +112,11 @@ impl Engine<'_> {
         let mut written = Vec::new();
         for file in self.output_files(manifest) {
             let hash = &manifest.outputs[&file.name].hash;
+            // With a shared store the object may have to come down first (verified).
+            self.store.fetch(
+                hash,
+                &format!("output `{}` of stage `{}`", file.name, manifest.stage),
+            )?;
             if let Some(actual) = self.store.check_object(hash)? {
                 bail!(
                     "object {hash} ({}/{}) is corrupt: its content hashes to {actual}; \

@@ -10,7 +10,8 @@
 //! [`pipeline`] (pipeline.toml + profiles + `--set`), [`stage`] (the trait and the context a
 //! stage runs in), [`store`] (objects, manifests, locks), [`run`] (building and explaining),
 //! [`maintain`] (`verify`, `gc`), [`export`] (`show`, `export`: a stage's current outputs),
-//! [`diff`] (`diff`: two runs, or a run and a profile's current keys, compared).
+//! [`diff`] (`diff`: two runs, or a run and a profile's current keys, compared),
+//! [`remote`] (the shared S3-compatible store the local one caches).
 
 pub mod diff;
 pub mod export;
@@ -18,6 +19,7 @@ pub mod key;
 pub mod maintain;
 pub mod params;
 pub mod pipeline;
+pub mod remote;
 pub mod run;
 pub mod stage;
 pub mod store;

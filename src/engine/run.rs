@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use super::key::{ExecFacts, HashedInput, KeyFields, KEY_SCHEMA_VERSION};
 use super::pipeline::{Pipeline, Stage};
 use super::stage::{files_under, Finished, Registry, ResolvedInput, StageContext};
-use super::store::{atomic_write, hash_file, sha256_hex, write_synced, Manifest, Store};
+use super::store::{
+    atomic_write, hash_file, sha256_hex, write_synced, Manifest, RemoteCopy, Store,
+};
 
 /// How one stage went in a run. The names are a public format (outside checks parse them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +231,9 @@ impl<'a> Engine<'a> {
         // Builds share the store; `gc` takes it alone, so it never deletes an object that a
         // build has published but not yet named in a manifest.
         let _in_use = self.store.lock_shared()?;
+        // With a shared store: every stage's last manifest at once, not one request per stage.
+        let names: Vec<String> = targets.iter().map(|s| s.name.clone()).collect();
+        self.store.prefetch_manifests(&names)?;
         let record = RunRecord {
             profile: self.pipeline.profile.clone(),
             command: command.to_string(),
@@ -461,8 +466,11 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// A usable manifest for `key`: published, with every object present (and intact, under
-    /// `--repair`; corrupt objects are deleted so the stage rebuilds them).
+    /// A usable manifest for `key`: published (here or in the shared store), with every
+    /// object present (here or there). Under `--repair` every copy is re-hashed: a corrupt one
+    /// is deleted, and the stage rebuilds it unless an intact copy in the cache can be
+    /// uploaded in its place. A key complete here but missing from the shared store is
+    /// uploaded ([`Store::push`]).
     fn usable_manifest(&self, key: &str) -> Result<Option<Manifest>> {
         let Some(manifest) = self.store.read_manifest(key)? else {
             return Ok(None);
@@ -474,18 +482,42 @@ impl<'a> Engine<'a> {
             .chain([manifest.log.as_str()]);
         let mut usable = true;
         for hash in hashes {
-            if !self.store.has_object(hash) {
-                usable = false;
-            } else if self.options.repair && self.store.check_object(hash)?.is_some() {
+            let mut here = self.store.has_object(hash);
+            if here && self.options.repair && self.store.check_object(hash)?.is_some() {
                 tracing::warn!(
                     "{}: object {hash} is corrupt; rebuilding it (--repair)",
                     manifest.stage
                 );
                 self.store.remove_object(hash)?;
+                here = false;
+            }
+            if self.options.repair {
+                if let RemoteCopy::Corrupt(actual) = self.store.check_remote_object(hash)? {
+                    let url = self.store.remote().map(|r| r.object_url(hash));
+                    tracing::warn!(
+                        "{}: {} is corrupt (its content hashes to {actual}); {} (--repair)",
+                        manifest.stage,
+                        url.unwrap_or_default(),
+                        if here {
+                            "uploading the intact copy from the cache"
+                        } else {
+                            "rebuilding it"
+                        }
+                    );
+                    self.store.remove_remote_object(hash)?;
+                    if here {
+                        self.store.upload_object(hash)?;
+                    }
+                }
+            }
+            if !here && !self.store.object_available(hash)? {
                 usable = false;
             }
         }
-        Ok(usable.then_some(manifest))
+        if !usable {
+            return Ok(None);
+        }
+        self.store.push(&manifest).map(Some)
     }
 
     fn build(
@@ -636,8 +668,8 @@ impl<'a> Engine<'a> {
             // `--jobs`).
             threads: rayon::current_num_threads(),
         };
-        self.store.write_manifest(&manifest)?;
-        Ok(manifest)
+        // With a shared store another build may have published this key first: its stands.
+        self.store.write_manifest(&manifest)
     }
 
     fn resolved_inputs(
@@ -797,7 +829,11 @@ impl<'a> Engine<'a> {
             let dest = dir.join(name);
             let parent = dest.parent().expect("joined path has a parent");
             fs::create_dir_all(parent)?;
-            let bytes = fs::read(self.store.object_path(&output.hash))?;
+            let path = self.store.fetch(
+                &output.hash,
+                &format!("output `{name}` of stage `{}`", stage.name),
+            )?;
+            let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             atomic_write(
                 &dest,
                 &bytes,

@@ -15,12 +15,20 @@
 //! Between an object's publication and its manifest the object is referenced by nothing, so
 //! `gc` must not run then: builds hold `store.lock` shared for their whole run, and `gc` takes
 //! it exclusively (as Bazel's disk cache does). Every filesystem error names its path.
+//!
+//! **With a shared store** (`--store s3://bucket/prefix`, [`super::remote`]) this directory is
+//! its read-through cache: a manifest or object missing here is downloaded (objects verified
+//! against their name before they enter the cache), and publishing uploads the objects, then
+//! creates the manifest remotely with a conditional put before writing it here. A key that is
+//! complete here but not in the bucket (built before the bucket was named) is uploaded when a
+//! run meets it. Locks and scratch stay local.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use fs_err as fs;
@@ -28,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::key::KeyFields;
+use super::remote::{Created, Remote};
 
 /// One output of a stage, as recorded in its manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,10 +70,20 @@ pub struct CorruptObject {
     pub actual: String,
 }
 
-/// Handle on a store directory.
+/// Handle on a store directory, and on the shared store it caches, if any.
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    remote: Option<Arc<Remote>>,
+}
+
+/// The state of one object's copy in the shared store, for `--repair`.
+pub enum RemoteCopy {
+    /// No shared store, or the object is not in it.
+    Absent,
+    Intact,
+    /// Its content hashes to this instead.
+    Corrupt(String),
 }
 
 /// Holds one key's advisory lock until dropped.
@@ -89,7 +108,27 @@ impl Store {
         }
         Ok(Store {
             root: root.to_path_buf(),
+            remote: None,
         })
+    }
+
+    /// Puts this directory in front of a shared store, as its read-through cache.
+    pub fn with_remote(mut self, remote: Remote) -> Store {
+        self.remote = Some(Arc::new(remote));
+        self
+    }
+
+    /// The shared store behind this cache, if any.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_deref()
+    }
+
+    /// Where results live, for messages: the bucket URL, or this directory.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(remote) => format!("{} (cache {})", remote.url(), self.root.display()),
+            None => self.root.display().to_string(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -104,8 +143,84 @@ impl Store {
         self.root.join("manifests").join(format!("{key}.json"))
     }
 
+    /// Whether the object is in this directory (the cache, with a shared store).
     pub fn has_object(&self, hash: &str) -> bool {
         self.object_path(hash).is_file()
+    }
+
+    /// Whether the object can be had: here, or in the shared store.
+    pub fn object_available(&self, hash: &str) -> Result<bool> {
+        if self.has_object(hash) {
+            return Ok(true);
+        }
+        match &self.remote {
+            Some(remote) => remote.has_object(hash),
+            None => Ok(false),
+        }
+    }
+
+    /// The object's path in this directory, downloading it from the shared store first if it
+    /// is only there (verified against its name: a corrupt download is a [`CorruptObject`]
+    /// naming its URL and never enters the cache). `owner` says whose output it is.
+    pub fn fetch(&self, hash: &str, owner: &str) -> Result<PathBuf> {
+        let path = self.object_path(hash);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let Some(remote) = &self.remote else {
+            bail!("object {} ({owner}) is missing", path.display());
+        };
+        let bytes = remote.get_object(hash)?.ok_or_else(|| {
+            anyhow::anyhow!("object {} ({owner}) is missing", remote.object_url(hash))
+        })?;
+        let actual = sha256_hex(&bytes);
+        if actual != hash {
+            return Err(CorruptObject {
+                hash: hash.into(),
+                owner: format!("{owner}, at {}", remote.object_url(hash)),
+                actual,
+            }
+            .into());
+        }
+        let staged = self.unique_tmp_path("download");
+        write_synced(&staged, &bytes)?;
+        fs::rename(&staged, &path).with_context(|| format!("caching {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Re-hashes the shared store's copy of an object (a download), for `--repair`.
+    pub fn check_remote_object(&self, hash: &str) -> Result<RemoteCopy> {
+        let Some(remote) = &self.remote else {
+            return Ok(RemoteCopy::Absent);
+        };
+        Ok(match remote.get_object(hash)? {
+            None => RemoteCopy::Absent,
+            Some(bytes) => {
+                let actual = sha256_hex(&bytes);
+                if actual == hash {
+                    RemoteCopy::Intact
+                } else {
+                    RemoteCopy::Corrupt(actual)
+                }
+            }
+        })
+    }
+
+    /// Uploads this directory's (intact) copy of an object to the shared store.
+    pub fn upload_object(&self, hash: &str) -> Result<()> {
+        if let Some(remote) = &self.remote {
+            let bytes = self.read_verified(hash, "an object to upload")?;
+            remote.put_object(hash, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the shared store's copy of an object (a corrupt one, under `--repair`).
+    pub fn remove_remote_object(&self, hash: &str) -> Result<()> {
+        match &self.remote {
+            Some(remote) => remote.delete_object(hash),
+            None => Ok(()),
+        }
     }
 
     /// A fresh, empty directory under `tmp/` for one attempt at building `key`.
@@ -126,7 +241,7 @@ impl Store {
 
     /// Reads an object and checks its bytes against its name. `owner` says whose output it is.
     pub fn read_verified(&self, hash: &str, owner: &str) -> Result<Vec<u8>> {
-        let path = self.object_path(hash);
+        let path = self.fetch(hash, owner)?;
         let bytes = fs::read(&path)
             .with_context(|| format!("reading object {} ({owner})", path.display()))?;
         let actual = sha256_hex(&bytes);
@@ -149,7 +264,8 @@ impl Store {
         Ok((actual != hash).then_some(actual))
     }
 
-    /// Moves a finished file into the store under its content hash (crash-safe).
+    /// Moves a finished file into the store under its content hash (crash-safe), and uploads
+    /// it to the shared store unless it is there already.
     pub fn publish_file(&self, staged: &Path) -> Result<OutputRef> {
         let file = File::open(staged).with_context(|| format!("opening {}", staged.display()))?;
         file.sync_all()?;
@@ -160,6 +276,11 @@ impl Store {
             fs::remove_file(staged)?;
         } else {
             fs::rename(staged, &dest).with_context(|| format!("publishing {}", dest.display()))?;
+        }
+        if let Some(remote) = &self.remote {
+            if !remote.has_object(&hash)? {
+                self.upload_object(&hash)?;
+            }
         }
         Ok(OutputRef { hash, bytes })
     }
@@ -176,12 +297,47 @@ impl Store {
         sync_dir(&self.root.join("objects"))
     }
 
-    /// Writes a manifest atomically; call only after its objects are published and synced.
-    pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
+    /// Publishes a manifest; call only after its objects are published and synced. With a
+    /// shared store the manifest is created there first, conditionally: where another build
+    /// created this key's manifest first, that one is adopted (and returned) so that every
+    /// reader of the key sees one manifest. Returns the manifest that stands.
+    pub fn write_manifest(&self, manifest: &Manifest) -> Result<Manifest> {
         let json = serde_json::to_vec_pretty(manifest)?;
+        let (manifest, json) = match &self.remote {
+            None => (manifest.clone(), json),
+            Some(remote) => match remote.create_manifest(&manifest.key, json.clone())? {
+                Created::Created => (manifest.clone(), json),
+                Created::Existing(theirs) => {
+                    let adopted: Manifest = serde_json::from_slice(&theirs).with_context(|| {
+                        format!(
+                            "manifest {} is malformed",
+                            remote.manifest_url(&manifest.key)
+                        )
+                    })?;
+                    if adopted.outputs != manifest.outputs {
+                        tracing::warn!(
+                            "{}: another build published key {} first, with other bytes; its \
+                             outputs stand (this stage is not bitwise reproducible here)",
+                            manifest.stage,
+                            manifest.key
+                        );
+                    }
+                    (adopted, theirs)
+                }
+            },
+        };
+        if let Some(remote) = &self.remote {
+            remote.put_ref(&manifest.stage, &manifest.key)?;
+        }
+        self.cache_manifest(&manifest, &json)?;
+        Ok(manifest)
+    }
+
+    /// Writes a manifest (as `json`) and its stage's ref into this directory.
+    fn cache_manifest(&self, manifest: &Manifest, json: &[u8]) -> Result<()> {
         atomic_write(
             &self.manifest_path(&manifest.key),
-            &json,
+            json,
             &self.unique_tmp_path("manifest"),
         )?;
         let ref_path = self.root.join("refs").join(&manifest.stage);
@@ -192,6 +348,52 @@ impl Store {
         )
     }
 
+    /// Makes sure the shared store holds a manifest that is complete in this directory (built
+    /// before the bucket was named, or lost there): uploads the objects it lacks, then creates
+    /// the manifest. Returns the manifest that stands there.
+    pub fn push(&self, manifest: &Manifest) -> Result<Manifest> {
+        let Some(remote) = &self.remote else {
+            return Ok(manifest.clone());
+        };
+        if remote.has_manifest(&manifest.key)? {
+            return Ok(manifest.clone());
+        }
+        let hashes = manifest.outputs.values().map(|o| o.hash.as_str());
+        for hash in hashes.chain([manifest.log.as_str()]) {
+            if !remote.has_object(hash)? {
+                self.upload_object(hash)?;
+            }
+        }
+        self.write_manifest(manifest)
+    }
+
+    /// Downloads the manifests that `refs/<stage>` names in the shared store for these stages,
+    /// all at once, into this directory (a run then finds them here instead of asking for each
+    /// in turn). A no-op without a shared store.
+    pub fn prefetch_manifests(&self, stages: &[String]) -> Result<()> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let keys: Vec<String> = remote
+            .get_many("refs", stages)?
+            .into_iter()
+            .map(|(_, key)| String::from_utf8_lossy(&key).trim().to_string())
+            .filter(|key| !key.is_empty() && !self.manifest_path(key).is_file())
+            .collect();
+        let names: Vec<String> = keys.iter().map(|k| format!("{k}.json")).collect();
+        for (name, json) in remote.get_many("manifests", &names)? {
+            let key = name.trim_end_matches(".json");
+            let manifest: Manifest = serde_json::from_slice(&json)
+                .with_context(|| format!("manifest {} is malformed", remote.manifest_url(key)))?;
+            atomic_write(
+                &self.manifest_path(&manifest.key),
+                &json,
+                &self.unique_tmp_path("manifest"),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The manifest for `key`, if one was published. A manifest that does not parse is an error
     /// naming its file (it was written atomically, so this means outside damage).
     pub fn read_manifest(&self, key: &str) -> Result<Option<Manifest>> {
@@ -200,16 +402,41 @@ impl Store {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .with_context(|| format!("manifest {} is malformed", path.display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.download_manifest(key),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
-    /// The manifest this stage name last published, if any (for `why` and `status`).
+    /// The shared store's manifest of `key`, cached here; `None` without one or if absent.
+    fn download_manifest(&self, key: &str) -> Result<Option<Manifest>> {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        let Some(json) = remote.get_manifest(key)? else {
+            return Ok(None);
+        };
+        let manifest: Manifest = serde_json::from_slice(&json)
+            .with_context(|| format!("manifest {} is malformed", remote.manifest_url(key)))?;
+        atomic_write(
+            &self.manifest_path(key),
+            &json,
+            &self.unique_tmp_path("manifest"),
+        )?;
+        Ok(Some(manifest))
+    }
+
+    /// The manifest this stage name last published, if any (for `why` and `status`): this
+    /// directory's ref, else the shared store's.
     pub fn last_manifest(&self, stage: &str) -> Result<Option<Manifest>> {
         match fs::read_to_string(self.root.join("refs").join(stage)) {
             Ok(key) => self.read_manifest(key.trim()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match &self.remote {
+                Some(remote) => match remote.get_ref(stage)? {
+                    Some(key) => self.read_manifest(&key),
+                    None => Ok(None),
+                },
+                None => Ok(None),
+            },
             Err(e) => Err(e.into()),
         }
     }

@@ -103,3 +103,4 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 pub mod device;
+pub mod s3;
