@@ -212,7 +212,12 @@ impl Remote {
         let listed: Vec<object_store::ObjectMeta> = self
             .runtime
             .block_on(self.store.list(Some(&prefix)).try_collect())
-            .with_context(|| format!("listing {}/{dir}/", self.url))?;
+            .with_context(|| {
+                format!(
+                    "listing {}/{dir}/ (does the bucket exist, and may these credentials list it?)",
+                    self.url
+                )
+            })?;
         let now = SystemTime::now();
         Ok(listed
             .into_iter()

@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use fs_err as fs;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::key::{ExecFacts, HashedInput, KeyFields, KEY_SCHEMA_VERSION};
@@ -647,10 +647,13 @@ impl<'a> Engine<'a> {
         let mut outputs = BTreeMap::new();
         for name in &ctx.outputs {
             let path = ctx.staging.join(name);
+            if !path.is_file() {
+                bail!("stage {} did not write its output {name}", stage.name);
+            }
             let output = self
                 .store
                 .publish_file(&path)
-                .with_context(|| format!("stage {} did not write its output {name}", stage.name))?;
+                .with_context(|| format!("publishing output {name} of stage {}", stage.name))?;
             outputs.insert(name.clone(), output);
         }
         let log = self.store.put_bytes(ctx.log.as_bytes())?;
