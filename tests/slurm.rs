@@ -45,6 +45,9 @@ impl Cluster {
     }
 
     /// Starts the cluster with `more_nodes` (`slurm.conf` lines) declared beside this host.
+    /// Jobs go only to this host (the partition holds it alone): the other nodes are there to
+    /// be seen by `scontrol show nodes`, not to run anything (a NodeAddr on 127.0.0.0/8 would
+    /// reach this host's slurmd under another name and leave its jobs running forever).
     fn start_with(more_nodes: &str) -> Result<Cluster, String> {
         for program in [
             "munged",
@@ -133,7 +136,7 @@ impl Cluster {
              SelectTypeParameters=CR_Core\nReturnToService=2\nMpiDefault=none\n\
              JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
              NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN\n\
-             {more_nodes}PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
+             {more_nodes}PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP\n",
             sock = socket.display(),
             ctld = free_port(),
             slurmd = free_port(),
@@ -345,4 +348,58 @@ fn a_local_store_on_a_cluster_with_other_nodes_is_refused() {
         !sandbox.path("artifacts/slurm").exists(),
         "nothing was submitted"
     );
+}
+
+/// A shared S3 store needs no shared file system: on the same two-node cluster that refuses a
+/// local store, the jobs build into the bucket (each with a cache of its own on its node) and
+/// the submitter sees their results there.
+#[test]
+fn an_s3_store_serves_a_cluster_with_other_nodes() {
+    let cluster = match Cluster::start_with(
+        "NodeName=elsewhere NodeAddr=127.0.0.2 NodeHostName=elsewhere CPUs=1 State=DOWN\n",
+    ) {
+        Ok(cluster) => cluster,
+        Err(why) => {
+            eprintln!("skipped: no Slurm test cluster: {why}");
+            return;
+        }
+    };
+    let server = match common::s3::S3Server::start() {
+        Ok(server) => server,
+        Err(why) => {
+            eprintln!("skipped: no S3 server: {why}");
+            return;
+        }
+    };
+    let store = server.url("cluster");
+    let sandbox = Sandbox::new();
+    let conf = cluster.conf();
+    let mut env = server.env();
+    env.push(("SLURM_CONF", &conf));
+    let out = sandbox.repro_with_env(
+        &[
+            "--store",
+            &store,
+            "run",
+            "eval_ce",
+            "--executor",
+            "slurm",
+            "--poll",
+            "0.2",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let record = sandbox.last_record();
+    for stage in stages(&record) {
+        assert_eq!(stage["outcome"], "ran", "{stage}");
+        assert!(stage["job_id"].is_string(), "{stage}");
+    }
+    // The jobs published into the bucket: a machine with an empty cache finds all hits.
+    let fresh = Sandbox::new();
+    let out = fresh.repro_with_env(&["--store", &store, "run", "eval_ce"], &server.env());
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    for stage in stages(&fresh.last_record()) {
+        assert_eq!(stage["outcome"], "hit", "{stage}");
+    }
 }
