@@ -4,9 +4,9 @@
 //!
 //! What is pinned: `smoke` reproduces into the bucket and a second machine (an empty cache)
 //! finds every stage a hit with the same `results.json`; a flipped byte in the bucket is
-//! caught by `verify` and by a download, and `--repair` mends it; `gc` keeps what the
-//! profiles need and deletes the rest; two builds racing on one key leave one manifest, which
-//! both adopt.
+//! caught by `verify` and by a download, and `--repair` mends it; a damaged manifest is an
+//! error naming it; `gc` keeps what the profiles need and deletes the rest; builds racing on
+//! one key leave one manifest, which all of them adopt.
 
 mod common;
 
@@ -174,6 +174,41 @@ fn a_flipped_byte_in_the_bucket_is_caught_and_repair_mends_it() {
     assert_eq!(
         second.last_manifest("train_ce")["outputs"],
         manifest["outputs"]
+    );
+}
+
+#[test]
+fn a_damaged_manifest_in_the_bucket_is_an_error_naming_it_and_is_never_cached() {
+    let Some(server) =
+        server("a_damaged_manifest_in_the_bucket_is_an_error_naming_it_and_is_never_cached")
+    else {
+        return;
+    };
+    let store = server.url("torn");
+    let first = Sandbox::new();
+    ok(&first, &server, &store, &["run", "mnist"]);
+    let key = first.last_manifest("mnist")["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    server.boto(&format!(
+        "s3.put_object(Bucket='repro-test', Key='torn/manifests/{key}.json', Body=b'{{\"stage\": ')"
+    ));
+    let second = Sandbox::new();
+    let out = repro(&second, &server, &store, &["run", "mnist"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!(
+            "manifest s3://repro-test/torn/manifests/{key}.json is malformed"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !second
+            .path(&format!("artifacts/store/manifests/{key}.json"))
+            .exists(),
+        "a malformed manifest entered the cache"
     );
 }
 

@@ -321,13 +321,15 @@ fn a_failed_job_prints_its_log_tail_and_skips_its_dependants() {
     assert_eq!(String::from_utf8_lossy(&queued.stdout).trim(), "");
 }
 
+/// A second node, declared and never given a job (see [`Cluster::start_with`]).
+const ANOTHER_NODE: &str =
+    "NodeName=elsewhere NodeAddr=127.0.0.2 NodeHostName=elsewhere CPUs=1 State=DOWN\n";
+
 /// Jobs on another node could not see a store on this machine's local disk: the executor
 /// refuses before it submits anything, naming the store and the other node.
 #[test]
 fn a_local_store_on_a_cluster_with_other_nodes_is_refused() {
-    let cluster = match Cluster::start_with(
-        "NodeName=elsewhere NodeAddr=127.0.0.2 NodeHostName=elsewhere CPUs=1 State=DOWN\n",
-    ) {
+    let cluster = match Cluster::start_with(ANOTHER_NODE) {
         Ok(cluster) => cluster,
         Err(why) => {
             eprintln!("skipped: no Slurm test cluster: {why}");
@@ -355,9 +357,7 @@ fn a_local_store_on_a_cluster_with_other_nodes_is_refused() {
 /// the submitter sees their results there.
 #[test]
 fn an_s3_store_serves_a_cluster_with_other_nodes() {
-    let cluster = match Cluster::start_with(
-        "NodeName=elsewhere NodeAddr=127.0.0.2 NodeHostName=elsewhere CPUs=1 State=DOWN\n",
-    ) {
+    let cluster = match Cluster::start_with(ANOTHER_NODE) {
         Ok(cluster) => cluster,
         Err(why) => {
             eprintln!("skipped: no Slurm test cluster: {why}");

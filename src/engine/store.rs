@@ -308,12 +308,7 @@ impl Store {
             Some(remote) => match remote.create_manifest(&manifest.key, json.clone())? {
                 Created::Created => (manifest.clone(), json),
                 Created::Existing(theirs) => {
-                    let adopted: Manifest = serde_json::from_slice(&theirs).with_context(|| {
-                        format!(
-                            "manifest {} is malformed",
-                            remote.manifest_url(&manifest.key)
-                        )
-                    })?;
+                    let adopted = parse_remote_manifest(remote, &manifest.key, &theirs)?;
                     if adopted.outputs != manifest.outputs {
                         tracing::warn!(
                             "{}: another build published key {} first, with other bytes; its \
@@ -383,10 +378,9 @@ impl Store {
         let names: Vec<String> = keys.iter().map(|k| format!("{k}.json")).collect();
         for (name, json) in remote.get_many("manifests", &names)? {
             let key = name.trim_end_matches(".json");
-            let manifest: Manifest = serde_json::from_slice(&json)
-                .with_context(|| format!("manifest {} is malformed", remote.manifest_url(key)))?;
+            parse_remote_manifest(remote, key, &json)?;
             atomic_write(
-                &self.manifest_path(&manifest.key),
+                &self.manifest_path(key),
                 &json,
                 &self.unique_tmp_path("manifest"),
             )?;
@@ -415,8 +409,7 @@ impl Store {
         let Some(json) = remote.get_manifest(key)? else {
             return Ok(None);
         };
-        let manifest: Manifest = serde_json::from_slice(&json)
-            .with_context(|| format!("manifest {} is malformed", remote.manifest_url(key)))?;
+        let manifest = parse_remote_manifest(remote, key, &json)?;
         atomic_write(
             &self.manifest_path(key),
             &json,
@@ -562,6 +555,21 @@ impl Store {
             .join("tmp")
             .join(format!("{what}-{}-{n}", std::process::id()))
     }
+}
+
+/// A manifest downloaded as `manifests/<key>.json`: it must parse and name that key (damage in
+/// the bucket is an error naming the URL, never a cached manifest).
+fn parse_remote_manifest(remote: &Remote, key: &str, json: &[u8]) -> Result<Manifest> {
+    let manifest: Manifest = serde_json::from_slice(json)
+        .with_context(|| format!("manifest {} is malformed", remote.manifest_url(key)))?;
+    if manifest.key != key {
+        bail!(
+            "manifest {} names key {}, not its own",
+            remote.manifest_url(key),
+            manifest.key
+        );
+    }
+    Ok(manifest)
 }
 
 /// Opens (creating) a file that is only ever locked, never written.
