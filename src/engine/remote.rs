@@ -63,7 +63,6 @@ pub struct Remote {
     listing: Mutex<Option<Listing>>,
 }
 
-#[derive(Default)]
 struct Listing {
     manifests: HashSet<String>,
     objects: HashSet<String>,
