@@ -160,13 +160,8 @@ fn record(
     job_id: Option<String>,
 ) -> StageRecord {
     StageRecord {
-        name: stage.name.clone(),
-        kind: stage.kind.clone(),
-        key,
-        outcome,
-        seconds,
-        message,
         job_id,
+        ..StageRecord::new(stage, key, outcome, seconds, message)
     }
 }
 

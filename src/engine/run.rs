@@ -46,6 +46,27 @@ pub struct StageRecord {
     pub job_id: Option<String>,
 }
 
+impl StageRecord {
+    /// The record of `stage` built in this process (no cluster job).
+    pub fn new(
+        stage: &Stage,
+        key: Option<String>,
+        outcome: Outcome,
+        seconds: f64,
+        message: Option<String>,
+    ) -> StageRecord {
+        StageRecord {
+            name: stage.name.clone(),
+            kind: stage.kind.clone(),
+            key,
+            outcome,
+            seconds,
+            message,
+            job_id: None,
+        }
+    }
+}
+
 /// `artifacts/runs/<UTC timestamp>.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -391,15 +412,10 @@ impl<'a> Engine<'a> {
         }
         let mut state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
         state.in_flight.retain(|(s, _)| s.name != stage.name);
-        state.record.stages.push(StageRecord {
-            name: stage.name.clone(),
-            kind: stage.kind.clone(),
-            key,
-            outcome,
-            seconds,
-            message,
-            job_id: None,
-        });
+        state
+            .record
+            .stages
+            .push(StageRecord::new(stage, key, outcome, seconds, message));
     }
 
     fn run_one(
@@ -590,15 +606,13 @@ impl<'a> Engine<'a> {
             // From here on a dead process leaves a record saying this stage was interrupted.
             let mut state = journal.state.lock().unwrap_or_else(|e| e.into_inner());
             state.in_flight.push((
-                StageRecord {
-                    name: stage.name.clone(),
-                    kind: stage.kind.clone(),
-                    key: Some(key.to_string()),
-                    outcome: Outcome::Interrupted,
-                    seconds: 0.0,
-                    message: Some("the process stopped while this stage was building".into()),
-                    job_id: None,
-                },
+                StageRecord::new(
+                    stage,
+                    Some(key.to_string()),
+                    Outcome::Interrupted,
+                    0.0,
+                    Some("the process stopped while this stage was building".into()),
+                ),
                 Instant::now(),
             ));
             state.write()?;
